@@ -1,0 +1,89 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SessionRequest(_message.Message):
+    __slots__ = ("session_id", "text", "reset", "k", "model")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    text: str
+    reset: bool
+    k: int
+    model: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("session_id", "prediction", "seq")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prediction: Prediction
+    seq: int
+    def __init__(self, session_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("text", "k", "model")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    k: int
+    model: str
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class PredictReply(_message.Message):
+    __slots__ = ("prediction",)
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    prediction: Prediction
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("suggestions", "completions", "partial", "context_tokens")
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    completions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    partial: str
+    context_tokens: int
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., completions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., partial: _Optional[str] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+
+class Suggestion(_message.Message):
+    __slots__ = ("word", "prob")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    word: str
+    prob: float
+    def __init__(self, word: _Optional[str] = ..., prob: _Optional[float] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "cell", "vocab_size", "provider", "manifest_json", "max_k", "max_text_chars")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    cell: str
+    vocab_size: int
+    provider: str
+    manifest_json: str
+    max_k: int
+    max_text_chars: int
+    def __init__(self, name: _Optional[str] = ..., cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., provider: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,109 @@
+"""onnxruntime over a model bundle: the only place the graphs are run.
+
+Used by the server (one call per batch of session steps) and by
+``nextword eval``. State tensors travel as a list ordered like the manifest's
+state spec and are bound to graph inputs/outputs by their manifest names.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from nextword.bundle import Bundle, BundleError
+
+log = logging.getLogger(__name__)
+
+State = list[np.ndarray]
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for ``auto``/``cpu``/``cuda``; ``cuda`` fails loudly if absent."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                "--device cuda: this onnxruntime has no CUDAExecutionProvider "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu on a CUDA machine"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if "CUDAExecutionProvider" in available and _cuda_device_present():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    # onnxruntime-gpu lists CUDA even on machines without a GPU; ask the driver.
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
+class OnnxLM:
+    """A bundle's step and head graphs in onnxruntime sessions."""
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int = 0) -> None:
+        self.bundle = bundle
+        m = bundle.manifest
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        providers = choose_providers(device)
+        try:
+            self._step = ort.InferenceSession(str(bundle.step_path), opts, providers=providers)
+            self._head = ort.InferenceSession(str(bundle.head_path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{bundle.path}: onnxruntime cannot load the graphs: {exc}") from exc
+        self.provider = self._step.get_providers()[0]
+        self._check_io()
+        self.state_spec = m.state
+        self._step_out = list(m.step.outputs)
+        self._head_in = [self.state_spec.index(s) for s in m.state if s.input in m.head.inputs]
+        log.info("loaded %s (%s) with %s", m.name, m.cell, self.provider)
+
+    def _check_io(self) -> None:
+        m = self.bundle.manifest
+        for sess, graph in ((self._step, m.step), (self._head, m.head)):
+            ins = {i.name for i in sess.get_inputs()}
+            outs = {o.name for o in sess.get_outputs()}
+            if not set(graph.inputs) <= ins or not set(graph.outputs) <= outs:
+                raise BundleError(
+                    f"{self.bundle.path}: {graph.file} has inputs {sorted(ins)} and outputs {sorted(outs)}, "
+                    f"but the manifest names {graph.inputs} -> {graph.outputs}"
+                )
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.bundle.vocab)
+
+    def zero_state(self, batch: int) -> State:
+        return [np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.state_spec]
+
+    def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+        """Run ``tokens`` [batch, seq] from ``state``: next-word log-probs [batch, vocab], new state."""
+        m = self.bundle.manifest
+        feeds = {m.step.inputs[0]: np.ascontiguousarray(tokens, dtype=np.int64)}
+        for spec, value in zip(self.state_spec, state, strict=True):
+            feeds[spec.input] = value
+        outputs = self._step.run(self._step_out, feeds)
+        return outputs[0], outputs[1:]
+
+    def head(self, state: Sequence[np.ndarray]) -> np.ndarray:
+        """Next-word log-probs [batch, vocab] read from a state, with no new token."""
+        m = self.bundle.manifest
+        feeds = {self.state_spec[i].input: state[i] for i in self._head_in}
+        return self._head.run(m.head.outputs, feeds)[0]
