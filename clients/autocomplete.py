@@ -35,7 +35,7 @@ def _typed_partial(text: str, partial: str) -> str:
     match = _RAW_PARTIAL.search(text)
     if match and normalize(match.group()) == partial:
         return match.group()
-    return text[len(text) - len(partial):] if partial else ""
+    return text[len(text) - len(partial) :] if partial else ""
 
 
 def _match_case(word: str, typed: str) -> str:
@@ -68,7 +68,7 @@ class NextWordCompleter(Completer):
                     self._session = self.client.session(k=self.k)
                     pred = self._session.send(text, reset=True)
                 elif text.startswith(self._sent):
-                    pred = self._session.send(text[len(self._sent):])
+                    pred = self._session.send(text[len(self._sent) :])
                 else:  # backspace or an edit before the end: the context no longer matches
                     pred = self._session.send(text, reset=True)
             except grpc.RpcError as exc:
@@ -88,8 +88,12 @@ class NextWordCompleter(Completer):
         if pred.partial:
             typed = _typed_partial(text, pred.partial)
             for s in pred.completions:
-                yield Completion(_match_case(s.word, typed), start_position=-len(typed), display=s.word,
-                                 display_meta=f"{s.prob:.1%}")
+                yield Completion(
+                    _match_case(s.word, typed),
+                    start_position=-len(typed),
+                    display=s.word,
+                    display_meta=f"{s.prob:.1%}",
+                )
             return
         # After punctuation ("end.") the next word needs its own space.
         sep = "" if not text or text[-1].isspace() else " "
@@ -138,12 +142,17 @@ def main(args: argparse.Namespace) -> int:
             print(rpc_error_message(exc, args.target), file=sys.stderr)
             return 1
         completer = NextWordCompleter(client, k=args.k)
-        print(f"{info.name} ({info.cell}, {info.provider}) at {args.target}. "
-              "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits.")
+        print(
+            f"{info.name} ({info.cell}, {info.provider}) at {args.target}. "
+            "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits."
+        )
         # Completion runs in a thread so a slow reply never freezes typing.
         prompt: PromptSession[str] = PromptSession(
-            completer=ThreadedCompleter(completer), complete_while_typing=True,
-            bottom_toolbar=completer.toolbar, refresh_interval=0.5, key_bindings=_key_bindings(),
+            completer=ThreadedCompleter(completer),
+            complete_while_typing=True,
+            bottom_toolbar=completer.toolbar,
+            refresh_interval=0.5,
+            key_bindings=_key_bindings(),
         )
         try:
             while True:

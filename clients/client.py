@@ -102,8 +102,9 @@ class ModelInfo:
 
     @classmethod
     def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
-        return cls(msg.name, msg.cell, msg.vocab_size, msg.provider, msg.manifest_json, msg.max_k,
-                   msg.max_text_chars)
+        return cls(
+            msg.name, msg.cell, msg.vocab_size, msg.provider, msg.manifest_json, msg.max_k, msg.max_text_chars
+        )
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -126,8 +127,14 @@ class SyncSession:
     new stream after a drop: pass ``session_id`` to ``NextWordClient.session``.
     """
 
-    def __init__(self, stub: pb_grpc.NextWordStub, session_id: str | None, k: int | None, model: str,
-                 timeout: float | None) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.NextWordStub,
+        session_id: str | None,
+        k: int | None,
+        model: str,
+        timeout: float | None,
+    ) -> None:
         self._requests: queue.Queue[pb.SessionRequest | None] = queue.Queue()
         # A stream-wide deadline would end long-lived sessions; `timeout` bounds each reply instead.
         self._call = stub.Session(iter(self._requests.get, None))
@@ -147,8 +154,9 @@ class SyncSession:
             if self.closed:
                 raise NextWordError(grpc.StatusCode.CANCELLED, "session is closed")
             first, self._first = self._first, False
-            req = _request(self._resume_id if first else None, text, reset, k or (self._k if first else 0),
-                           self._model)
+            req = _request(
+                self._resume_id if first else None, text, reset, k or (self._k if first else 0), self._model
+            )
             self._requests.put(req)
             reply = self._next_reply()
             self.session_id, self.seq = reply.session_id, int(reply.seq)
@@ -174,8 +182,9 @@ class SyncSession:
         except grpc.RpcError:
             self._end_requests()
             if timed_out.is_set():
-                raise NextWordError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no session reply within {self._timeout:g}s") from None
+                raise NextWordError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no session reply within {self._timeout:g}s"
+                ) from None
             raise
         finally:
             if timer is not None:
@@ -230,8 +239,9 @@ class NextWordClient:
     def __enter__(self) -> NextWordClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -241,8 +251,14 @@ class NextWordClient:
 class AsyncSession:
     """The asyncio twin of ``SyncSession``: ``await s.send(text)`` returns the reply to that request."""
 
-    def __init__(self, stub: pb_grpc.NextWordStub, session_id: str | None, k: int | None, model: str,
-                 timeout: float | None) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.NextWordStub,
+        session_id: str | None,
+        k: int | None,
+        model: str,
+        timeout: float | None,
+    ) -> None:
         self._call: Any = stub.Session()  # a grpc.aio StreamStreamCall (the stubs are typed for sync)
         self._lock = asyncio.Lock()  # keeps request/reply pairs together across tasks
         self._first = True
@@ -259,16 +275,18 @@ class AsyncSession:
             if self.closed:
                 raise NextWordError(grpc.StatusCode.CANCELLED, "session is closed")
             first, self._first = self._first, False
-            req = _request(self._resume_id if first else None, text, reset, k or (self._k if first else 0),
-                           self._model)
+            req = _request(
+                self._resume_id if first else None, text, reset, k or (self._k if first else 0), self._model
+            )
             try:
                 await self._call.write(req)
                 reply = await asyncio.wait_for(self._call.read(), self._timeout)
             except asyncio.TimeoutError:
                 self.closed = True
                 self._call.cancel()
-                raise NextWordError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"no session reply within {self._timeout:g}s") from None
+                raise NextWordError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no session reply within {self._timeout:g}s"
+                ) from None
             except grpc.RpcError:
                 self.closed = True
                 raise
@@ -318,8 +336,9 @@ class AsyncNextWordClient:
         call: Any = self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self.timeout)
         return ModelInfo.from_proto(await call)
 
-    def session(self, session_id: str | None = None, k: int | None = None, *,
-                model: str = "") -> AsyncSession:
+    def session(
+        self, session_id: str | None = None, k: int | None = None, *, model: str = ""
+    ) -> AsyncSession:
         """Open a session stream (use as ``async with``); ``session_id`` resumes a held session."""
         return AsyncSession(self._stub, session_id, k, model, self.timeout)
 

@@ -79,8 +79,9 @@ def _free_port() -> int:
 
 
 def _run_cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nextword.cli", *argv], capture_output=True, text=True,
-                          timeout=30, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "nextword.cli", *argv], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
 
 
 # ---------------------------------------------------------------------------- sync client
@@ -380,9 +381,15 @@ def test_deploy_configs_parse_and_reference_metrics() -> None:
 
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/nextword.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
-    for metric in ("nextword_request_duration_seconds_bucket", "nextword_onnx_compute_seconds_bucket",
-                   "nextword_batch_size", "nextword_active_sessions", "nextword_words_total",
-                   "nextword_errors_total", "nextword_model_info"):
+    for metric in (
+        "nextword_request_duration_seconds_bucket",
+        "nextword_onnx_compute_seconds_bucket",
+        "nextword_batch_size",
+        "nextword_active_sessions",
+        "nextword_words_total",
+        "nextword_errors_total",
+        "nextword_model_info",
+    ):
         assert metric in exprs
 
     dockerfile = (ROOT / "docker/Dockerfile").read_text()

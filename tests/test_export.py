@@ -54,7 +54,9 @@ def test_bundle_is_self_describing(tiny_bundle: Path) -> None:
     ]
     assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt"}
     assert m.export["parity_max_abs_diff"] <= m.export["tolerance"]
-    assert m.metrics["test_perplexity"] > 1 and 0 < m.metrics["test"]["top1"] <= m.metrics["test"]["top3"] <= 1
+    assert (
+        m.metrics["test_perplexity"] > 1 and 0 < m.metrics["test"]["top1"] <= m.metrics["test"]["top3"] <= 1
+    )
     assert m.training["command"] and m.export["command"]
     for graph in (m.step, m.head):
         onnx.checker.check_model(str(tiny_bundle / graph.file))
@@ -103,11 +105,10 @@ def test_invalid_bundles_are_refused_with_a_reason(tiny_bundle: Path, tmp_path: 
 
 
 def test_eval_cli_reproduces_manifest_metrics(tiny_bundle: Path, tiny_corpus: Path) -> None:
+    cmd = ["eval", str(tiny_bundle), "--data", str(tiny_corpus / "test.txt"), "--json"]
     out = subprocess.run(
-        [sys.executable, "-m", "nextword.cli", "eval", str(tiny_bundle), "--data", str(tiny_corpus / "test.txt"),
-         "--json"],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "nextword.cli", *cmd], capture_output=True, text=True, check=True, timeout=120
+    )
     result = json.loads(out.stdout)
     recorded = load_bundle(tiny_bundle).manifest.metrics["test"]
     assert result["perplexity"] == pytest.approx(recorded["perplexity"], rel=1e-6)

@@ -53,7 +53,7 @@ def test_empty_and_whitespace_only(text: str) -> None:
 def test_very_long_word_is_one_token_and_unknown() -> None:
     word = "a" * 100_000
     assert tokenize(f"the {word} end") == ["the", word, "end"]
-    vocab = Vocab(SPECIALS + ("the", "end"))
+    vocab = Vocab((*SPECIALS, "the", "end"))
     assert vocab.encode(tokenize(f"the {word} end")) == [3, 0, 4]
 
 
@@ -105,7 +105,7 @@ def test_vocab_by_frequency_with_cap_and_min_count() -> None:
 
 
 def test_vocab_round_trips_through_file(tmp_path) -> None:
-    vocab = Vocab(SPECIALS + ("x", "don't", "é"))
+    vocab = Vocab((*SPECIALS, "x", "don't", "é"))
     vocab.save(tmp_path / "vocab.txt")
     assert Vocab.load(tmp_path / "vocab.txt") == vocab
 

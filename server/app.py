@@ -1,0 +1,187 @@
+"""Server lifecycle: load the bundle, serve gRPC (+ health, reflection, /metrics), drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in grpc-stubs
+from grpc_reflection.v1alpha import reflection
+
+from nextword.bundle import Bundle, BundleError, load_bundle
+from nextword.v1 import nextword_pb2 as pb
+from nextword.v1 import nextword_pb2_grpc as pb_grpc
+from server.batcher import Batcher
+from server.config import ANY_FREE_PORT, ServerConfig
+from server.metrics import Metrics, MetricsEndpoint
+from server.runtime import OnnxLM
+from server.service import NextWordServicer
+from server.session import SessionTable
+
+log = logging.getLogger("nextword.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says what to change."""
+
+
+@dataclass(eq=False)
+class RunningServer:
+    config: ServerConfig
+    bundle: Bundle
+    provider: str
+    port: int
+    metrics_port: int  # 0: no /metrics endpoint
+    servicer: NextWordServicer
+    metrics: Metrics
+    _server: grpc.aio.Server
+    _health: health_aio.HealthServicer
+    _batcher: Batcher
+    _sweeper: asyncio.Task[None]
+    _endpoint: MetricsEndpoint | None
+
+    async def stop(self, grace: float | None) -> None:
+        """Stop taking RPCs, let open ones finish for ``grace`` seconds, then release everything."""
+        # Load balancers watching health stop sending traffic here first.
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweeper
+        await self._batcher.close()
+        if self._endpoint is not None:
+            self._endpoint.close()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Load the model and start serving; raises BundleError/StartupError with a message to act on."""
+    bundle = load_bundle(config.model)
+    try:
+        lm = OnnxLM(bundle, device=config.device, threads=config.threads)
+    except RuntimeError as exc:  # e.g. --device cuda without CUDA
+        raise StartupError(str(exc)) from exc
+    if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
+        # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
+        raise StartupError(
+            f"--device cuda: onnxruntime could not start CUDA and fell back to {lm.provider} "
+            "(its log above says why); use --device auto or cpu to serve on the CPU"
+        )
+    m = bundle.manifest
+    metrics = Metrics()
+    metrics.model_info.info({"name": m.name, "cell": m.cell, "provider": lm.provider})
+    # Training text follows an <eos>: every context starts from the state after one.
+    _, initial_state = lm.step(np.array([[bundle.vocab.eos_id]], dtype=np.int64), lm.zero_state(1))
+
+    sessions = SessionTable(config.max_sessions, config.session_ttl)
+    metrics.active_sessions.set_function(lambda: len(sessions))
+    batcher = Batcher(lm, metrics, max_batch=config.max_batch, max_delay=config.max_delay_ms / 1000)
+    servicer = NextWordServicer(
+        config=config,
+        bundle=bundle,
+        provider=lm.provider,
+        initial_state=initial_state,
+        batcher=batcher,
+        sessions=sessions,
+        metrics=metrics,
+    )
+
+    server = grpc.aio.server(
+        options=[
+            # Oversized messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before reaching us.
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # gRPC's default SO_REUSEPORT lets a second server share a busy port and split its traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_NextWordServicer_to_server(servicer, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address} ({exc}); is the port in use? see --port") from exc
+
+    endpoint = None
+    if config.metrics_port:
+        metrics_port = 0 if config.metrics_port == ANY_FREE_PORT else config.metrics_port
+        try:
+            endpoint = MetricsEndpoint(metrics, config.host, metrics_port)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {config.host}:{metrics_port} ({exc}); see --metrics-port (0: off)"
+            ) from exc
+
+    batcher.start()
+    sweeper = asyncio.get_running_loop().create_task(sessions.sweep_forever(), name="session-sweeper")
+    await server.start()
+    return RunningServer(
+        config,
+        bundle,
+        lm.provider,
+        port,
+        endpoint.port if endpoint else 0,
+        servicer,
+        metrics,
+        server,
+        health_servicer,
+        batcher,
+        sweeper,
+        endpoint,
+    )
+
+
+async def _serve(config: ServerConfig) -> int:
+    running = await start_server(config)
+    m = running.bundle.manifest
+    log.info(
+        "nextword serving %s (%s, %s) on %s:%d, metrics on :%d",
+        m.name,
+        m.cell,
+        running.provider,
+        config.host,
+        running.port,
+        running.metrics_port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: open streams may finish within %g s (--grace)", config.grace)
+    await running.stop(config.grace)
+    log.info("stopped")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """``nextword serve``: exit 0 after a clean shutdown, 2 when the server cannot start."""
+    try:
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        config = ServerConfig.from_args(args)
+    except ValueError as exc:  # an unknown --log-level or an out-of-range flag
+        return _startup_failed(exc)
+    try:
+        return asyncio.run(_serve(config))
+    except (BundleError, StartupError) as exc:
+        return _startup_failed(exc)
+
+
+def _startup_failed(exc: Exception) -> int:
+    # The message says what to fix; a traceback would only bury it.
+    print(f"nextword serve: error: {exc}", file=sys.stderr)
+    return 2

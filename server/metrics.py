@@ -1,0 +1,79 @@
+"""Prometheus metrics, on a registry of each server's own (tests run several in one process)."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+# 50 µs to 1 s: a one-word step on CPU is tens of µs to a few ms; a batch or a long prefill more.
+LATENCY_BUCKETS = (
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    500e-3,
+    1.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the server exports, registered on ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.request_duration = Histogram(
+            "nextword_request_duration_seconds",
+            "Time to answer one request (one stream message or call)",
+            ["method"],
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.onnx_compute = Histogram(
+            "nextword_onnx_compute_seconds",
+            "onnxruntime time per batched graph call",
+            ["graph"],
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "nextword_batch_size",
+            "Requests served by one graph call",
+            registry=reg,
+            buckets=BATCH_BUCKETS,
+        )
+        self.active_sessions = Gauge("nextword_active_sessions", "Sessions held in memory", registry=reg)
+        self.words = Counter("nextword_words", "Tokens run through the model", registry=reg)
+        self.errors = Counter(
+            "nextword_errors",
+            "Requests that ended in an error status",
+            ["method", "code"],
+            registry=reg,
+        )
+        self.model_info = Info("nextword_model", "The model being served", registry=reg)
+
+
+class MetricsEndpoint:
+    """``/metrics`` over HTTP in a background thread (prometheus_client's own server)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()

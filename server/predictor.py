@@ -1,0 +1,52 @@
+"""From next-word log-probabilities to the words a user is offered."""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from nextword.tokenizer import Vocab, is_word
+from nextword.v1 import nextword_pb2 as pb
+
+_PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
+
+
+class Predictor:
+    """Top-k suggestions and prefix completions over the words a user may be offered.
+
+    Punctuation and specials (``<unk>``, ``<eos>``, ``<num>``) are never offered.
+    Completions use the suggestable words sorted once at startup: the words
+    starting with a prefix are one contiguous run, found by bisection.
+    """
+
+    def __init__(self, vocab: Vocab) -> None:
+        self._words = vocab.words
+        self._suggestable = np.array([i for i, w in enumerate(vocab.words) if is_word(w)], dtype=np.int64)
+        by_word = sorted(self._suggestable.tolist(), key=lambda i: vocab.words[i])
+        self._sorted_words = [vocab.words[i] for i in by_word]
+        self._sorted_ids = np.array(by_word, dtype=np.int64)
+
+    def predict(self, log_probs: np.ndarray, partial: str, k: int, context_tokens: int) -> pb.Prediction:
+        completions = self._top(log_probs, self.completion_ids(partial), k) if partial else []
+        return pb.Prediction(
+            suggestions=self._top(log_probs, self._suggestable, k),
+            completions=completions,
+            partial=partial,
+            context_tokens=context_tokens,
+        )
+
+    def completion_ids(self, prefix: str) -> np.ndarray:
+        """Ids of the suggestable words that start with ``prefix`` (already normalised)."""
+        lo = bisect.bisect_left(self._sorted_words, prefix)
+        hi = bisect.bisect_left(self._sorted_words, prefix + _PREFIX_END, lo)
+        return self._sorted_ids[lo:hi]
+
+    def _top(self, log_probs: np.ndarray, ids: np.ndarray, k: int) -> list[pb.Suggestion]:
+        if len(ids) == 0:
+            return []
+        scores = log_probs[ids]
+        # Partial selection first (linear), then sort only the k kept.
+        keep = np.argpartition(-scores, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        return [pb.Suggestion(word=self._words[ids[i]], prob=float(np.exp(scores[i]))) for i in keep]

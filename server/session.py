@@ -1,0 +1,124 @@
+"""Sessions: a client's recurrent state, kept between requests and across dropped streams.
+
+The table is an LRU bounded by ``max_sessions``. A session with no stream
+attached is kept ``ttl`` seconds after its last use so that a client whose
+connection dropped can resume it by id; a session attached to a live stream is
+never expired or evicted (its client is still there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server.runtime import State
+
+
+class SessionTableFull(Exception):
+    """Every session is attached to a live stream: none can be evicted for a new one."""
+
+
+class Stream:
+    """One live ``Session`` RPC; told when another stream takes its session over."""
+
+    def __init__(self) -> None:
+        self.superseded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    state: State  # ordered like the manifest's state spec, batch size 1
+    k: int
+    pending: str = ""  # the partial word typed so far, normalised
+    context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
+    seq: int = 0  # requests answered
+    last_used: float = field(default_factory=time.monotonic)
+    stream: Stream | None = None  # the stream attached, if any
+
+
+class SessionTable:
+    """Sessions by id, least recently used first."""
+
+    def __init__(self, max_sessions: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self._clock = clock
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, state: State, k: int) -> Session:
+        """A new session; makes room by evicting the least recently used idle one."""
+        if len(self._sessions) >= self.max_sessions:
+            self.expire()
+        if len(self._sessions) >= self.max_sessions:
+            victim = next((s for s in self._sessions.values() if s.stream is None), None)
+            if victim is None:
+                raise SessionTableFull(
+                    f"all {self.max_sessions} sessions are attached to open streams; "
+                    "close idle streams or raise --max-sessions"
+                )
+            del self._sessions[victim.id]
+        session = Session(secrets.token_hex(16), state, k, last_used=self._clock())
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The session, or None if unknown, evicted or expired (expired ones are dropped now)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        if session.stream is None and self._expired(session, self._clock()):
+            del self._sessions[session_id]
+            return None
+        self.touch(session)
+        return session
+
+    def touch(self, session: Session) -> None:
+        session.last_used = self._clock()
+        self._sessions.move_to_end(session.id)
+
+    def attach(self, session: Session, stream: Stream) -> None:
+        """Attach ``stream``; a stream still attached is told it lost the session."""
+        old = session.stream
+        if old is not None and old is not stream and not old.superseded.done():
+            old.superseded.set_result(None)
+        session.stream = stream
+        self.touch(session)
+
+    def detach(self, session: Session, stream: Stream) -> None:
+        """The stream ended; the session's idle time starts now (unless another stream took it)."""
+        if session.stream is stream:
+            session.stream = None
+            self.touch(session)
+
+    def expire(self) -> int:
+        """Drop idle sessions unused for ``ttl`` seconds; returns how many."""
+        now = self._clock()
+        stale = []
+        # Ordered by last use: stop at the first idle session that is still fresh.
+        for session in self._sessions.values():
+            if session.stream is not None:
+                continue
+            if not self._expired(session, now):
+                break
+            stale.append(session.id)
+        for session_id in stale:
+            del self._sessions[session_id]
+        return len(stale)
+
+    async def sweep_forever(self) -> None:
+        """Expire idle sessions periodically, so memory is freed even if nobody asks for them."""
+        interval = min(self.ttl, 60.0) / 2
+        while True:
+            await asyncio.sleep(interval)
+            self.expire()
+
+    def _expired(self, session: Session, now: float) -> bool:
+        return now - session.last_used >= self.ttl

@@ -1,0 +1,509 @@
+"""The gRPC server, end to end: a real server on a loopback port, real gRPC calls, real onnxruntime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from nextword.bundle import load_bundle
+from nextword.tokenizer import is_word
+from nextword.v1 import nextword_pb2 as pb
+from nextword.v1 import nextword_pb2_grpc as pb_grpc
+from server.app import RunningServer, start_server
+from server.batcher import Batcher
+from server.config import ANY_FREE_PORT, ServerConfig
+from server.metrics import Metrics
+from server.runtime import OnnxLM
+
+# One event loop for the module's servers, channels and tests: grpc.aio objects belong to one loop.
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_K = 10
+MAX_TEXT = 200
+TOL = 1e-4
+
+
+def _config(bundle: Path, **overrides: Any) -> ServerConfig:
+    base = ServerConfig(
+        model=bundle,
+        port=0,
+        metrics_port=ANY_FREE_PORT,
+        device="cpu",
+        threads=1,
+        max_k=MAX_K,
+        max_text_chars=MAX_TEXT,
+    )
+    return replace(base, **overrides)
+
+
+@asynccontextmanager
+async def serving(
+    bundle: Path, **overrides: Any
+) -> AsyncIterator[tuple[RunningServer, pb_grpc.NextWordStub]]:
+    """A server of its own (for tests that need other limits) and a stub on it."""
+    running = await start_server(_config(bundle, **overrides))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield running, pb_grpc.NextWordStub(channel)
+    finally:
+        await running.stop(None)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def running(tiny_bundle: Path) -> AsyncIterator[RunningServer]:
+    server = await start_server(_config(tiny_bundle))
+    yield server
+    await server.stop(None)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def channel(running: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        yield ch
+
+
+@pytest.fixture()
+def stub(channel: grpc.aio.Channel) -> pb_grpc.NextWordStub:
+    return pb_grpc.NextWordStub(channel)
+
+
+class Chat:
+    """One ``Session`` stream: each ``say`` sends a request and returns its reply."""
+
+    def __init__(self, stub: pb_grpc.NextWordStub) -> None:
+        self.call = stub.Session()
+        self.session_id = ""
+
+    async def say(self, text: str = "", **fields: Any) -> pb.SessionReply:
+        await self.call.write(pb.SessionRequest(text=text, **fields))
+        reply = await self.call.read()
+        assert isinstance(reply, pb.SessionReply), reply
+        self.session_id = reply.session_id
+        return reply
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        assert await self.call.code() == grpc.StatusCode.OK
+
+
+async def type_words(
+    stub: pb_grpc.NextWordStub, pieces: Sequence[str], **fields: Any
+) -> list[pb.SessionReply]:
+    chat = Chat(stub)
+    replies = [await chat.say(piece, **fields) for piece in pieces]
+    await chat.close()
+    return replies
+
+
+def assert_same(a: pb.Prediction, b: pb.Prediction) -> None:
+    """Same words in the same order, probabilities within TOL, same partial and context length."""
+    for got, want in ((a.suggestions, b.suggestions), (a.completions, b.completions)):
+        assert [s.word for s in got] == [s.word for s in want]
+        np.testing.assert_allclose([s.prob for s in got], [s.prob for s in want], atol=TOL)
+    assert (a.partial, a.context_tokens) == (b.partial, b.context_tokens)
+
+
+def sample(running: RunningServer, name: str, **labels: str) -> float:
+    return running.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def expect_error(call: Any, code: grpc.StatusCode, *fragments: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+    for fragment in fragments:
+        assert fragment in (err.value.details() or "")
+
+
+# ---------------------------------------------------------------------------- sessions
+
+
+async def test_stream_answers_every_request(stub: pb_grpc.NextWordStub) -> None:
+    chat = Chat(stub)
+    first = await chat.say("The ")
+    assert len(first.session_id) == 32 and first.seq == 1
+    assert first.prediction.context_tokens == 1 and first.prediction.partial == ""
+    assert not first.prediction.completions
+
+    second = await chat.say("cat sat on the ma", k=5)
+    assert second.session_id == first.session_id and second.seq == 2
+    pred = second.prediction
+    assert pred.context_tokens == 5 and pred.partial == "ma"
+    assert len(pred.suggestions) == 5
+    assert pred.completions and all(s.word.startswith("ma") for s in pred.completions)
+    for s in [*pred.suggestions, *pred.completions]:
+        assert is_word(s.word) and 0 < s.prob <= 1
+    probs = [s.prob for s in pred.suggestions]
+    assert probs == sorted(probs, reverse=True)
+
+    third = await chat.say("t ")  # completes "mat": it is fed once, whole
+    assert third.prediction.context_tokens == 6 and third.prediction.partial == ""
+    assert third.prediction.suggestions and len(third.prediction.suggestions) == 5  # k=5 was kept
+    await chat.close()
+
+
+async def test_word_by_word_equals_unary(stub: pb_grpc.NextWordStub) -> None:
+    pieces = ["the ", "cat ", "sat ", "on", " the ", "m", "a"]  # "on" and "ma" arrive across requests
+    replies = await type_words(stub, pieces, k=4)
+    for n, reply in enumerate(replies, 1):
+        whole = await stub.Predict(pb.PredictRequest(text="".join(pieces[:n]), k=4))
+        assert_same(reply.prediction, whole.prediction)
+
+
+async def test_empty_context_starts_after_eos(stub: pb_grpc.NextWordStub, tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    lm = OnnxLM(bundle, device="cpu")
+    after_eos, state = lm.step(np.array([[bundle.vocab.eos_id]]), lm.zero_state(1))
+    after_the, _ = lm.step(np.array([[bundle.vocab.id("the")]]), state)
+
+    for text, log_probs in (("", after_eos[0]), ("the ", after_the[0])):
+        ids = [i for i in np.argsort(-log_probs) if is_word(bundle.vocab.words[i])][:3]
+        reply = await stub.Predict(pb.PredictRequest(text=text))
+        assert [s.word for s in reply.prediction.suggestions] == [bundle.vocab.words[i] for i in ids]
+        np.testing.assert_allclose(
+            [s.prob for s in reply.prediction.suggestions], np.exp(log_probs[ids]), atol=TOL
+        )
+    (first,) = await type_words(stub, [""])
+    assert_same(first.prediction, (await stub.Predict(pb.PredictRequest(text=""))).prediction)
+
+
+async def test_prefill_is_one_step_and_equals_word_by_word(
+    stub: pb_grpc.NextWordStub, running: RunningServer
+) -> None:
+    words = ["the ", "dog ", "sat ", "on ", "the ", "cat "]
+    by_word = await type_words(stub, words)
+    steps = sample(running, "nextword_onnx_compute_seconds_count", graph="step")
+    (prefill,) = await type_words(stub, ["".join(words)])
+    assert sample(running, "nextword_onnx_compute_seconds_count", graph="step") == steps + 1
+    assert_same(prefill.prediction, by_word[-1].prediction)
+    assert prefill.prediction.context_tokens == len(words)
+
+
+async def test_resume_after_the_stream_drops(stub: pb_grpc.NextWordStub) -> None:
+    chat = Chat(stub)
+    await chat.say("the cat ")
+    chat.call.cancel()  # the connection "drops"; the session stays for --session-ttl
+
+    resumed = Chat(stub)
+    reply = await resumed.say("sat on ", session_id=chat.session_id)
+    assert reply.session_id == chat.session_id and reply.seq == 2
+    whole = await stub.Predict(pb.PredictRequest(text="the cat sat on "))
+    assert_same(reply.prediction, whole.prediction)
+    await resumed.close()
+
+
+async def test_resume_takes_over_an_attached_session(stub: pb_grpc.NextWordStub) -> None:
+    old = Chat(stub)
+    await old.say("the ")
+    new = Chat(stub)
+    reply = await new.say("dog ", session_id=old.session_id)
+    assert reply.prediction.context_tokens == 2
+    await expect_error(old.call.read(), grpc.StatusCode.ABORTED, "session resumed by another stream")
+    assert (await new.say("sat ")).prediction.context_tokens == 3
+    await new.close()
+
+
+async def test_reset_restarts_the_context(stub: pb_grpc.NextWordStub) -> None:
+    chat = Chat(stub)
+    await chat.say("the cat sat on the ma")
+    reply = await chat.say("the ", reset=True)
+    assert reply.seq == 2 and reply.prediction.partial == ""
+    assert_same(reply.prediction, (await stub.Predict(pb.PredictRequest(text="the "))).prediction)
+    await chat.close()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+async def _witness_ok(stub: pb_grpc.NextWordStub, witness: Chat, text: str) -> None:
+    """The other session lost nothing: its next reply is what a fresh run of its whole text gives."""
+    reply = await witness.say(" ")
+    assert_same(reply.prediction, (await stub.Predict(pb.PredictRequest(text=text + " "))).prediction)
+
+
+BAD_SESSION_REQUESTS = [
+    # (requests of one stream, status, fragments the message must contain)
+    ([{"text": "x" * (MAX_TEXT + 1)}], grpc.StatusCode.INVALID_ARGUMENT, [str(MAX_TEXT), "--max-text-chars"]),
+    ([{"text": "the", "k": MAX_K + 1}], grpc.StatusCode.INVALID_ARGUMENT, [str(MAX_K), "--max-k"]),
+    ([{"text": "the", "model": "no-such-model"}], grpc.StatusCode.NOT_FOUND, ["no-such-model"]),
+    ([{"session_id": "0" * 32}], grpc.StatusCode.NOT_FOUND, ["--session-ttl"]),
+    ([{"text": "the "}, {"session_id": "0" * 32}], grpc.StatusCode.INVALID_ARGUMENT, ["first request"]),
+    ([{"text": "a" * 150}, {"text": "a" * 60}], grpc.StatusCode.INVALID_ARGUMENT, ["unfinished word"]),
+    ([{"text": "x" * 70_000}], grpc.StatusCode.RESOURCE_EXHAUSTED, []),  # over the 64 KiB message limit
+]
+
+
+@pytest.mark.parametrize(("requests", "code", "fragments"), BAD_SESSION_REQUESTS)
+async def test_bad_session_request(
+    stub: pb_grpc.NextWordStub,
+    running: RunningServer,
+    requests: list[dict[str, Any]],
+    code: grpc.StatusCode,
+    fragments: list[str],
+) -> None:
+    witness = Chat(stub)
+    await witness.say("the dog")
+    errors = sample(running, "nextword_errors_total", method="Session", code=code.name)
+
+    chat = Chat(stub)
+    for fields in requests[:-1]:
+        await chat.say(**fields)
+    await chat.call.write(pb.SessionRequest(**requests[-1]))
+    await expect_error(chat.call.read(), code, *fragments)
+
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:  # gRPC refuses oversized messages before we see them
+        assert sample(running, "nextword_errors_total", method="Session", code=code.name) == errors + 1
+    await _witness_ok(stub, witness, "the dog")
+    await witness.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({"text": "y" * (MAX_TEXT + 1)}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"text": "the", "k": MAX_K + 1}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"text": "the", "model": "other"}, grpc.StatusCode.NOT_FOUND),
+    ],
+)
+async def test_bad_predict_request(
+    stub: pb_grpc.NextWordStub, running: RunningServer, fields: dict[str, Any], code: grpc.StatusCode
+) -> None:
+    errors = sample(running, "nextword_errors_total", method="Predict", code=code.name)
+    await expect_error(stub.Predict(pb.PredictRequest(**fields)), code)
+    assert sample(running, "nextword_errors_total", method="Predict", code=code.name) == errors + 1
+    assert (await stub.Predict(pb.PredictRequest(text="the cat "))).prediction.context_tokens == 2
+
+
+async def test_model_named_by_its_manifest_name(stub: pb_grpc.NextWordStub) -> None:
+    info = await stub.GetModelInfo(pb.ModelInfoRequest())
+    reply = await stub.Predict(pb.PredictRequest(text="the ", model=info.name, k=MAX_K))
+    assert len(reply.prediction.suggestions) == MAX_K
+    assert info.max_k == MAX_K and info.max_text_chars == MAX_TEXT
+    assert info.provider == "CPUExecutionProvider"
+    assert json.loads(info.manifest_json)["name"] == info.name
+    assert info.vocab_size == json.loads(info.manifest_json)["vocab_size"]
+
+
+# ---------------------------------------------------------------------------- the session table
+
+
+async def test_lru_eviction_and_table_full(tiny_bundle: Path) -> None:
+    async with serving(tiny_bundle, max_sessions=2) as (running, stub):
+        ids = []
+        for _ in range(3):  # each stream drops its session; the third evicts the first
+            chat = Chat(stub)
+            ids.append((await chat.say("the ")).session_id)
+            await chat.close()
+        await expect_error(Chat(stub).say(session_id=ids[0]), grpc.StatusCode.NOT_FOUND)
+        assert sample(running, "nextword_active_sessions") == 2
+
+        holders = [Chat(stub) for _ in range(2)]
+        for holder, session_id in zip(holders, ids[1:], strict=True):
+            await holder.say(session_id=session_id)
+        # Both sessions are attached to live streams: none may be evicted.
+        await expect_error(Chat(stub).say("the "), grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-sessions")
+        assert (await holders[0].say("cat ")).prediction.context_tokens == 2
+        for holder in holders:
+            await holder.close()
+
+
+async def test_idle_sessions_expire_after_ttl(tiny_bundle: Path) -> None:
+    async with serving(tiny_bundle, session_ttl=0.3) as (running, stub):
+        kept = Chat(stub)
+        await kept.say("the ")
+        dropped = Chat(stub)
+        await dropped.say("the ")
+        await dropped.close()
+        await asyncio.sleep(0.6)  # past the TTL, and past a sweep (every TTL/2)
+        assert sample(running, "nextword_active_sessions") == 1  # swept: nobody had to ask
+        await expect_error(Chat(stub).say(session_id=dropped.session_id), grpc.StatusCode.NOT_FOUND)
+        # A session attached to a live stream is never expired, however idle.
+        assert (await kept.say("cat ")).prediction.context_tokens == 2
+        await kept.close()
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+async def test_concurrent_sessions_answer_as_if_alone(stub: pb_grpc.NextWordStub) -> None:
+    texts = [
+        "the cat sat on the mat ",
+        "a dog ran ",
+        "the mat , the cat . ",
+        "on the dog ",
+        "cat cat cat ",
+        "the ",
+        "mat on a cat sat ",
+        "dog . the ",
+    ]
+    pieces = [[word + " " for word in text.split()] for text in texts]
+    alone = [await type_words(stub, words) for words in pieces]
+    together = await asyncio.gather(*(type_words(stub, words) for words in pieces))
+    for a, t in zip(alone, together, strict=True):
+        for x, y in zip(a, t, strict=True):
+            assert_same(x.prediction, y.prediction)
+
+
+async def test_batcher_groups_and_scatters(tiny_bundle: Path) -> None:
+    lm = OnnxLM(load_bundle(tiny_bundle), device="cpu", threads=1)
+    metrics = Metrics()
+    batcher = Batcher(lm, metrics, max_batch=4, max_delay=0.001)
+    batcher.start()
+    try:
+        rng = np.random.default_rng(0)
+        _, base = lm.step(np.array([[1]]), lm.zero_state(1))
+        calls = [rng.integers(3, lm.vocab_size, size=int(n)).tolist() for n in (1, 2, 1, 1, 2, 3, 1, 1, 1)]
+        stepped, headed = await asyncio.gather(  # all queued before the batcher runs: they batch
+            asyncio.gather(*(batcher.step(tokens, base) for tokens in calls)),
+            asyncio.gather(*(batcher.head(base) for _ in range(3))),
+        )
+        for tokens, (log_probs, state) in zip(calls, stepped, strict=True):
+            want_lp, want_state = lm.step(np.array([tokens]), base)
+            np.testing.assert_allclose(log_probs, want_lp[0], atol=1e-5)
+            for got, want in zip(state, want_state, strict=True):
+                assert got.shape == want.shape
+                np.testing.assert_allclose(got, want, atol=1e-5)
+        for log_probs in headed:
+            np.testing.assert_allclose(log_probs, lm.head(base)[0], atol=1e-5)
+    finally:
+        await batcher.close()
+    calls_made = metrics.registry.get_sample_value("nextword_batch_size_count")
+    served = metrics.registry.get_sample_value("nextword_batch_size_sum")
+    assert served == len(calls) + 3 and calls_made is not None and calls_made < served
+    assert metrics.registry.get_sample_value("nextword_words_total") == sum(len(t) for t in calls)
+
+
+# ---------------------------------------------------------------------------- operations
+
+
+async def test_health_is_serving(channel: grpc.aio.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "nextword.v1.NextWord"):
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_service(channel: grpc.aio.Channel) -> None:
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = reflection.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    await call.done_writing()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"nextword.v1.NextWord", "grpc.health.v1.Health"} <= names
+
+
+async def _scrape(port: int) -> dict[str, Any]:
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    return {family.name: family for family in text_string_to_metric_families(await asyncio.to_thread(fetch))}
+
+
+def _predict_count(families: dict[str, Any]) -> float:
+    return sum(
+        s.value
+        for s in families["nextword_request_duration_seconds"].samples
+        if s.name.endswith("_count") and s.labels["method"] == "Predict"
+    )
+
+
+async def test_metrics_over_http(stub: pb_grpc.NextWordStub, running: RunningServer) -> None:
+    assert running.metrics_port > 0
+    before = await _scrape(running.metrics_port)
+    for text in ("the ", "the cat ", "the cat sat "):
+        await stub.Predict(pb.PredictRequest(text=text))
+    after = await _scrape(running.metrics_port)
+    assert _predict_count(after) == _predict_count(before) + 3
+    (info,) = after["nextword_model_info"].samples
+    assert info.labels["provider"] == "CPUExecutionProvider" and info.labels["cell"]
+    for name in (
+        "nextword_onnx_compute_seconds",
+        "nextword_batch_size",
+        "nextword_active_sessions",
+        "nextword_words",
+        "nextword_errors",
+    ):
+        assert name in after
+    assert sum(s.value for s in after["nextword_words"].samples) > 0
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+async def _serve_subprocess(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "nextword.cli",
+        "serve",
+        "--device",
+        "cpu",
+        "--metrics-port",
+        "0",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.mark.slow
+async def test_sigterm_drains_open_streams_and_exits_0(tiny_bundle: Path) -> None:
+    proc = await _serve_subprocess("--model", str(tiny_bundle), "--port", "0", "--grace", "8")
+    assert proc.stderr is not None
+    log, ready = "", re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+), metrics on :0")
+    while (match := ready.search(log)) is None:
+        line = await asyncio.wait_for(proc.stderr.readline(), timeout=30)
+        assert line, f"server exited before serving:\n{log}"
+        log += line.decode()
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        chat = Chat(pb_grpc.NextWordStub(channel))
+        await chat.say("the ")
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # Draining: the open stream is still answered after SIGTERM ...
+        assert (await chat.say("cat ")).prediction.context_tokens == 2
+        await chat.close()
+        # ... and once it ends the server exits at once, well within the grace period.
+        assert await asyncio.wait_for(proc.wait(), timeout=10) == 0
+    assert time.monotonic() - start < 5
+    assert b"Traceback" not in await proc.stderr.read()
+
+
+async def test_a_corrupt_bundle_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["vocab.txt"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    proc = await _serve_subprocess("--model", str(bundle), "--port", "0")
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 2
+    message = stderr.decode()
+    assert "vocab.txt" in message and "sha256" in message and "Traceback" not in message
