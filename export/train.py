@@ -55,6 +55,11 @@ class TrainConfig:
     command: str = ""
 
 
+def perplexity(nll: float) -> float:
+    """exp(nll), inf for a diverged model rather than an OverflowError."""
+    return math.exp(nll) if nll < 700 else math.inf
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +105,7 @@ def train_epoch(model, data, opt, cfg: TrainConfig, deadline: float, epoch: int)
         opt.step()
         total_loss += loss.item() * y.numel()
         total_tokens += y.numel()
-        bar.set_postfix(ppl=f"{math.exp(total_loss / total_tokens):.1f}", gnorm=f"{norm:.2f}")
+        bar.set_postfix(ppl=f"{perplexity(total_loss / total_tokens):.1f}", gnorm=f"{norm:.2f}")
         if deadline and time.monotonic() > deadline:
             break
     elapsed = time.perf_counter() - start
@@ -148,7 +153,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool =
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         first_epoch, best_nll, lr = ckpt["epoch"] + 1, ckpt["best_nll"], ckpt["lr"]
-        print(f"resuming {out} at epoch {first_epoch} (best valid ppl {math.exp(best_nll):.2f})")
+        print(f"resuming {out} at epoch {first_epoch} (best valid ppl {perplexity(best_nll):.2f})")
 
     train = batchify(encode(train_tokens, vocab), cfg.batch_size).to(device)
     valid = batchify(encode(read_tokens(data_dir / "valid.txt", fmt), vocab), cfg.eval_batch_size).to(device)
@@ -173,8 +178,8 @@ def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool =
         record = {
             "epoch": epoch,
             "lr": lr,
-            "valid_ppl": math.exp(valid_nll),
-            "train_ppl": math.exp(stats["train_loss"]),
+            "valid_ppl": perplexity(valid_nll),
+            "train_ppl": perplexity(stats["train_loss"]),
             **stats,
         }
         with (out / "history.jsonl").open("a") as fh:
@@ -209,7 +214,7 @@ def summarize(model, cfg, out, data_dir, fmt, vocab, device, params) -> dict[str
         path = data_dir / f"{split}.txt"
         if path.exists():
             data = batchify(encode(read_tokens(path, fmt), vocab), cfg.eval_batch_size).to(device)
-            metrics[f"{split}_perplexity_torch"] = math.exp(evaluate(model, data, cfg.bptt))
+            metrics[f"{split}_perplexity_torch"] = perplexity(evaluate(model, data, cfg.bptt))
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     summary = {
         "command": cfg.command,
@@ -256,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
         num_layers=args.layers,
         dropout=args.dropout,
         tie_weights=args.tie,
+        extra={"delay": args.delay} if args.cell == "delay" else {},
     )
     run(cfg, mcfg, args.out)
     return 0

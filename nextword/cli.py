@@ -25,7 +25,13 @@ def _train(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="raw: wrapped text, blank line = paragraph end; lines: one tokenized sentence a line",
     )
-    p.add_argument("--cell", default="lstm", help="recurrent cell: lstm, gru, rnn")
+    p.add_argument(
+        "--cell",
+        default="lstm",
+        choices=["rnn", "irnn", "delay", "lstm", "gru", "cifg"],
+        help="recurrent cell (see export/model.py)",
+    )
+    p.add_argument("--delay", type=int, default=4, help="delay cell: skip connection from h(t-d)")
     p.add_argument("--vocab-size", type=int, default=10000)
     p.add_argument("--min-count", type=int, default=2)
     p.add_argument("--embedding-dim", type=int, default=256)
@@ -99,6 +105,9 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["auto", "raw", "lines"], default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--ksr", action="store_true", help="also simulate typing: keystroke savings")
+    p.add_argument("--ksr-chars", type=int, default=20000, help="keystroke savings: first N characters")
+    p.add_argument("--slots", type=int, default=3, help="keystroke savings: suggestions shown")
 
 
 # command -> (help, argument declarer, "module:function" that runs it)

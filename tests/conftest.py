@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,10 +60,16 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def train_tiny(corpus: Path, out: Path, *, cell: str = "lstm", epochs: int = 3, **model_kw) -> Path:
+def train_tiny(
+    corpus: Path, out: Path, *, cell: str = "lstm", epochs: int = 3, lr: float = 1e-2, **model_kw
+) -> Path:
     """Train a small model for a few seconds and return its run directory."""
+    import torch
+
     from export.model import ModelConfig
     from export.train import TrainConfig, run
+
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
 
     cfg = TrainConfig(
         data=str(corpus),
@@ -95,3 +107,29 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_run, out, name="tiny", command="pytest tiny bundle")
     return out
+
+
+SERVING = re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+)")
+
+
+@contextlib.contextmanager
+def serve_process(bundle: Path, *args: str) -> Iterator[str]:
+    """``nextword serve --model BUNDLE --port 0`` as a real process; yields its HOST:PORT."""
+    cmd = [sys.executable, "-m", "nextword.cli", "serve", "--model", str(bundle), "--port", "0"]
+    proc = subprocess.Popen(
+        [*cmd, "--metrics-port", "0", "--threads", "1", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        log = ""
+        while (match := SERVING.search(log)) is None:
+            line = proc.stderr.readline()
+            assert line, f"nextword serve exited before serving:\n{log}"
+            log += line
+        yield f"127.0.0.1:{match.group(1)}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
