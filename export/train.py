@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from export.data import batchify, encode, read_tokens, resolve_format, windows
@@ -79,9 +81,46 @@ def evaluate(model: RNNLanguageModel, data: torch.Tensor, bptt: int) -> float:
     return total / max(count, 1)
 
 
-def train_epoch(model, data, opt, cfg: TrainConfig, deadline: float, epoch: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands under torchrun (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any: ranks must leave loops together."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+
+def init_distributed(device: str) -> Dist:
+    """Join the torchrun group if there is one: nccl on CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    cuda = device != "cpu" and torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    dist = Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:
+        torch.cuda.set_device(dist.local_rank)
+    return dist
+
+
+def train_epoch(
+    model, data, opt, cfg: TrainConfig, deadline: float, epoch: int, dist: Dist
+) -> dict[str, float]:
     model.train()
-    state = model.init_state(data.size(0), data.device)
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    state = core.init_state(data.size(0), data.device)
     total_loss, total_tokens, norms, clipped = 0.0, 0, [], 0
     start = time.perf_counter()
     bar = tqdm(
@@ -106,11 +145,13 @@ def train_epoch(model, data, opt, cfg: TrainConfig, deadline: float, epoch: int)
         total_loss += loss.item() * y.numel()
         total_tokens += y.numel()
         bar.set_postfix(ppl=f"{perplexity(total_loss / total_tokens):.1f}", gnorm=f"{norm:.2f}")
-        if deadline and time.monotonic() > deadline:
+        if deadline and dist.any(time.monotonic() > deadline):
             break
     elapsed = time.perf_counter() - start
+    train_loss = total_loss / max(total_tokens, 1)  # this rank's share; the others' is alike
+    total_tokens *= dist.world  # every rank ran as many tokens as this one
     return {
-        "train_loss": total_loss / max(total_tokens, 1),
+        "train_loss": train_loss,
         "grad_norm_mean": sum(norms) / max(len(norms), 1),
         "grad_norm_max": max(norms, default=0.0),
         "clipped_fraction": clipped / max(len(norms), 1),
@@ -125,54 +166,71 @@ def count_parameters(model: nn.Module) -> int:
 
 def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool = False) -> dict[str, Any]:
     """Train into ``out``; returns the summary. ``mcfg`` is None when resuming."""
+    dist = init_distributed(cfg.device)
     data_dir = Path(cfg.data)
     fmt = resolve_format(data_dir / "train.txt", cfg.format)
     train_tokens = read_tokens(data_dir / "train.txt", fmt)
     if resume:
         vocab = Vocab.load(out / "vocab.txt")
+        mcfg = ModelConfig(**json.loads((out / "config.json").read_text())["model"])
     else:
+        # Every rank builds the same vocabulary from the same text; rank 0 writes the files.
         vocab = Vocab.build(train_tokens, max_size=cfg.vocab_size, min_count=cfg.min_count)
-        out.mkdir(parents=True, exist_ok=True)
-        vocab.save(out / "vocab.txt")
         assert mcfg is not None
         mcfg.vocab_size = len(vocab)
-        (out / "config.json").write_text(
-            json.dumps({"train": asdict(cfg), "model": mcfg.to_dict()}, indent=2)
-        )
-    saved = json.loads((out / "config.json").read_text())
-    mcfg = ModelConfig(**saved["model"])
+        if dist.main:
+            out.mkdir(parents=True, exist_ok=True)
+            vocab.save(out / "vocab.txt")
+            (out / "config.json").write_text(
+                json.dumps(
+                    {"train": asdict(cfg), "model": mcfg.to_dict(), "world_size": dist.world}, indent=2
+                )
+            )
+    if cfg.batch_size % dist.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must divide evenly over {dist.world} processes")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = pick_device(cfg.device)
-    model = RNNLanguageModel(mcfg).to(device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+    core = RNNLanguageModel(mcfg).to(device)
+    torch.manual_seed(cfg.seed + dist.rank)  # but each rank its own dropout masks
+    model = core if dist.world == 1 else DistributedDataParallel(core)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     first_epoch, best_nll, lr = 1, float("inf"), cfg.lr
     if resume:
         ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        core.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         first_epoch, best_nll, lr = ckpt["epoch"] + 1, ckpt["best_nll"], ckpt["lr"]
         print(f"resuming {out} at epoch {first_epoch} (best valid ppl {perplexity(best_nll):.2f})")
 
-    train = batchify(encode(train_tokens, vocab), cfg.batch_size).to(device)
+    # The global batch is cfg.batch_size columns; each rank trains its share of them, so
+    # DDP's averaged gradient is the one-process gradient of the whole batch.
+    train = batchify(encode(train_tokens, vocab), cfg.batch_size)[dist.rank :: dist.world].to(device)
     valid = batchify(encode(read_tokens(data_dir / "valid.txt", fmt), vocab), cfg.eval_batch_size).to(device)
-    params = count_parameters(model)
-    print(
+    params = count_parameters(core)
+    log = print if dist.main else _quiet
+    log(
         f"{mcfg.cell}: {params:,} parameters, vocab {len(vocab)}, {train.numel():,} train tokens, "
-        f"device {device}"
+        f"device {device}" + (f", {dist.world} processes" if dist.world > 1 else "")
     )
 
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else 0.0
     for epoch in range(first_epoch, cfg.epochs + 1):
         for group in opt.param_groups:
             group["lr"] = lr
-        stats = train_epoch(model, train, opt, cfg, deadline, epoch)
-        valid_nll = evaluate(model, valid, cfg.bptt)
+        if deadline and dist.any(time.monotonic() > deadline):
+            log(f"stopping: --max-minutes {cfg.max_minutes} reached")
+            break
+        stats = train_epoch(model, train, opt, cfg, deadline, epoch, dist)
+        valid_nll = evaluate(core, valid, cfg.bptt)  # every rank: the same number, the same decisions
         improved = valid_nll < best_nll
         if improved:
             best_nll = valid_nll
-            torch.save(model.state_dict(), out / "best.pt")
+            if dist.main:
+                torch.save(core.state_dict(), out / "best.pt")
         else:
             lr /= 2  # plateau: halve the step size (Zaremba et al. 2014 decay, made adaptive)
         record = {
@@ -182,6 +240,8 @@ def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool =
             "train_ppl": perplexity(stats["train_loss"]),
             **stats,
         }
+        if not dist.main:
+            continue
         with (out / "history.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(
@@ -192,7 +252,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool =
         )
         torch.save(
             {
-                "model": model.state_dict(),
+                "model": core.state_dict(),
                 "optimizer": opt.state_dict(),
                 "epoch": epoch,
                 "best_nll": best_nll,
@@ -201,10 +261,16 @@ def run(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resume: bool =
             },
             out / "checkpoint.pt",
         )
-        if deadline and time.monotonic() > deadline:
-            print(f"stopping: --max-minutes {cfg.max_minutes} reached")
-            break
-    return summarize(model, cfg, out, data_dir, fmt, vocab, device, params)
+    if dist.world > 1:
+        torch.distributed.barrier()  # rank 0 has written best.pt
+        torch.distributed.destroy_process_group()
+        if not dist.main:
+            return {}
+    return summarize(core, cfg, out, data_dir, fmt, vocab, device, params)
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 def summarize(model, cfg, out, data_dir, fmt, vocab, device, params) -> dict[str, Any]:
