@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from clients.ksr import keystroke_savings
 from nextword.bundle import BundleError, load_bundle
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
 from server.runtime import OnnxLM
@@ -61,7 +62,11 @@ def evaluate(
 
 def main(args: argparse.Namespace) -> int:
     try:
-        result = evaluate(args.bundle, args.data, fmt=args.format, device=args.device)
+        lm = OnnxLM(load_bundle(args.bundle), device=args.device)
+        result = evaluate(args.bundle, args.data, fmt=args.format, lm=lm)
+        if args.ksr:
+            text = args.data.read_text(encoding="utf-8")
+            result.update(keystroke_savings(lm, text, slots=args.slots, max_chars=args.ksr_chars))
     except (BundleError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -72,4 +77,9 @@ def main(args: argparse.Namespace) -> int:
             f"{args.data}: perplexity {result['perplexity']:.2f}  top-1 {result['top1']:.2%}  "
             f"top-3 {result['top3']:.2%}  ({result['tokens']:,} tokens)"
         )
+        if args.ksr:
+            print(
+                f"keystroke savings {result['ksr']:.2%} with {args.slots} slots  ({result['keys']:,} of "
+                f"{result['keys_without_prediction']:,} keys, first {result['ksr_chars']:,} characters)"
+            )
     return 0

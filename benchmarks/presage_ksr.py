@@ -1,0 +1,151 @@
+"""Keystroke savings of Presage (Debian's ``presage``), the n-gram peer of ``nextword eval --ksr``.
+
+    python benchmarks/presage_ksr.py                      # gutenberg and brown, first 20,000 chars
+    python benchmarks/presage_ksr.py --corpus gutenberg --chars 20000 --slots 3
+
+For each corpus: installs ``presage`` if missing (apt), builds Presage's n-gram
+database (orders 1..3, lower-cased) from the corpus's train split with its own
+``text2ngram``, writes a copy of ``/etc/presage.xml`` whose only predictor is
+that 3-gram (``DefaultSmoothedNgramPredictor``, default deltas) with
+``SUGGESTIONS`` = the strip size, and runs ``presage_simulator -i`` (case
+insensitive, as nextword's lower-casing model is) on the first ``--chars``
+characters of the test split. Everything it builds lives in the ignored
+``benchmarks/.cache/presage/``; the corpora are only read.
+
+Settings chosen for a like-for-like comparison (see ``clients/ksr.py`` for how
+our count mirrors ``presage_simulator``'s):
+
+* Only the n-gram predictor: the default profile also runs a user n-gram model
+  that learns from the simulated text and persists it to ``~/.presage/lm.db``
+  (a second run would have seen the test text) and a recency cache; neither
+  has a counterpart in nextword. ``ONLINE_LEARNING`` is off for the same reason.
+* ``REPEAT_SUGGESTIONS`` keeps Presage's default (``no``): within a word,
+  Presage hides suggestions it already offered, while nextword's strip may
+  repeat them; ``--repeat`` sets it to ``yes``, the strip nextword shows.
+* ``presage_simulator`` starts its selection counter ``ks`` at 1 and counts an
+  empty last token when the text ends in a space or punctuation: at most two
+  keystrokes on ~20,000, printed as it reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "benchmarks" / ".cache" / "presage"
+DATA = ROOT.parent / "shared" / "data"
+SYSTEM_CONFIG = Path("/etc/presage.xml")
+NGRAM_ORDER = 3  # the default profile's DELTAS (0.01 0.1 0.89) make a 3-gram
+PREDICTOR = "DefaultSmoothedNgramPredictor"
+
+
+def ensure_presage() -> None:
+    if shutil.which("presage_simulator") and shutil.which("text2ngram"):
+        return
+    print("installing Debian's presage (apt-get)", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "presage"], check=True, env=env)
+
+
+def build_database(train: Path, out_dir: Path) -> Path:
+    """Presage's sqlite n-gram tables 1..3 of ``train``, rebuilt only when the train file changes."""
+    db = out_dir / "ngram.db"
+    stamp = out_dir / "ngram.db.source"
+    digest = hashlib.sha256(train.read_bytes()).hexdigest()
+    source = f"{train.resolve()} sha256={digest} orders=1..{NGRAM_ORDER} lowercase\n"
+    if db.exists() and stamp.exists() and stamp.read_text() == source:
+        return db
+    partial = out_dir / "ngram.db.partial"
+    partial.unlink(missing_ok=True)
+    for n in range(1, NGRAM_ORDER + 1):
+        print(f"text2ngram -n {n}: {train}", file=sys.stderr)
+        # One table per order in the same file; -l so counts match the lower-cased simulation.
+        cmd = ["text2ngram", "-n", str(n), "-l", "-f", "sqlite", "-o", str(partial), str(train)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    partial.replace(db)  # a killed build never leaves a database that looks complete
+    stamp.write_text(source)
+    return db
+
+
+def write_config(db: Path, slots: int, path: Path, *, repeat: bool = False) -> Path:
+    # Keep the system file's comments: they document every setting left at its default.
+    tree = ET.parse(SYSTEM_CONFIG, parser=ET.XMLParser(target=ET.TreeBuilder(insert_comments=True)))
+    root = tree.getroot()
+
+    def set_text(xpath: str, value: str) -> None:
+        node = root.find(xpath)
+        if node is None:
+            raise SystemExit(f"{SYSTEM_CONFIG} has no {xpath}: is this presage 0.9?")
+        node.text = value
+
+    set_text("PredictorRegistry/PREDICTORS", PREDICTOR)
+    set_text("ContextTracker/ONLINE_LEARNING", "no")
+    set_text("Selector/SUGGESTIONS", str(slots))
+    set_text("Selector/REPEAT_SUGGESTIONS", "yes" if repeat else "no")
+    set_text(f"Predictors/{PREDICTOR}/DBFILENAME", str(db))
+    tree.write(path, encoding="UTF-8", xml_declaration=True)
+    return path
+
+
+def simulate(config: Path, text_file: Path) -> dict[str, float]:
+    out = subprocess.run(
+        ["presage_simulator", "-q", "-i", "-c", str(config), str(text_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    counts = {k: float(v) for k, v in re.findall(r"^(ki|ks|kn|KSR)\s*:\s*(\S+)$", out, re.M)}
+    if set(counts) != {"ki", "ks", "kn", "KSR"}:
+        raise RuntimeError(f"unexpected presage_simulator output:\n{out}")
+    return counts
+
+
+def run_corpus(corpus: str, data_root: Path, chars: int, slots: int, repeat: bool) -> dict[str, float]:
+    out_dir = CACHE / corpus
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = build_database(data_root / corpus / "train.txt", out_dir)
+    # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
+    text = (data_root / corpus / "test.txt").read_text(encoding="utf-8")[:chars]
+    text_file = out_dir / f"test-{chars}.txt"
+    text_file.write_text(text, encoding="utf-8")
+    config = write_config(
+        db, slots, out_dir / f"presage-{slots}{'-repeat' if repeat else ''}.xml", repeat=repeat
+    )
+    return simulate(config, text_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpus", action="append", choices=["gutenberg", "brown"], help="default: both")
+    p.add_argument("--chars", type=int, default=20000, help="first N characters of test.txt")
+    p.add_argument("--slots", type=int, default=3, help="suggestions shown (Presage's SUGGESTIONS)")
+    p.add_argument(
+        "--repeat",
+        action="store_true",
+        help="REPEAT_SUGGESTIONS yes: re-offer words already shown for this word, as nextword's strip does",
+    )
+    p.add_argument("--data-root", type=Path, default=DATA, help="directory holding <corpus>/{train,test}.txt")
+    args = p.parse_args(argv)
+    ensure_presage()
+    for corpus in args.corpus or ["gutenberg", "brown"]:
+        r = run_corpus(corpus, args.data_root, args.chars, args.slots, args.repeat)
+        repeat = "yes" if args.repeat else "no"
+        print(
+            f"{corpus}: Presage 3-gram KSR {r['KSR']:.2f}%  (ki {r['ki']:.0f}, ks {r['ks']:.0f}, "
+            f"kn {r['kn']:.0f}; {args.slots} suggestions, REPEAT_SUGGESTIONS {repeat}, "
+            f"first {args.chars:,} chars of test.txt)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Keystroke savings (clients/ksr.py) on the real tiny LSTM bundle and hand-made texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clients.ksr import keystroke_savings, typed_words
+from nextword.bundle import load_bundle
+from nextword.tokenizer import split_partial
+from server.runtime import OnnxLM
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_bundle: Path) -> OnnxLM:
+    return OnnxLM(load_bundle(tiny_bundle), device="cpu", threads=1)
+
+
+def test_typed_words_feed_the_tokens_a_session_would() -> None:
+    text = 'Emma sat, and "the dog\'s" well-known friend ran to 1999 hou'
+    words = [w for _, w in typed_words(text)]
+    # Inner apostrophes and hyphens stay in the word; the text ends mid-word, and that word counts too.
+    assert words == ["emma", "sat", "and", "the", "dog's", "well-known", "friend", "ran", "to", "1999", "hou"]
+    fed = [t for before, _ in typed_words(text) for t in before]
+    assert fed == split_partial(text)[0]  # every complete token, in order, exactly once
+
+
+def test_a_strip_as_large_as_the_vocabulary_takes_every_known_word_with_one_key(lm: OnnxLM) -> None:
+    vocab = set(lm.bundle.vocab.words)
+    assert {"the", "cat", "sat", "on"} <= vocab and "zebra" not in vocab  # the premise of the count below
+    result = keystroke_savings(lm, "The cat, sat on zebra.", slots=len(vocab))
+    # Without prediction: every word and its space, punctuation not counted.
+    assert result["keys_without_prediction"] == 4 + 4 + 4 + 3 + 6
+    # Four known words offered before their first letter (one key each, space free); zebra typed + space.
+    assert result["keys"] == 4 * 1 + 6
+    assert result["selections"] == 4 and result["words"] == 5
+    assert result["ksr"] == pytest.approx(1 - 10 / 21)
+
+
+def test_out_of_vocabulary_words_cost_their_full_length(lm: OnnxLM) -> None:
+    vocab = set(lm.bundle.vocab.words)
+    text = "Zebra quokka, xylophones! 2024"
+    assert not {"zebra", "quokka", "xylophones"} & vocab
+    result = keystroke_savings(lm, text, slots=len(vocab))
+    assert result["keys"] == result["keys_without_prediction"] == 6 + 7 + 11 + 5
+    assert result["ksr"] == 0 and result["selections"] == 0
+
+
+def test_more_slots_never_cost_more_keys_and_case_does_not_matter(lm: OnnxLM, tiny_corpus: Path) -> None:
+    text = (tiny_corpus / "test.txt").read_text(encoding="utf-8")[:1500]
+    keys = [keystroke_savings(lm, text, slots=k)["keys"] for k in (1, 3, 10)]
+    assert keys[0] >= keys[1] >= keys[2]
+    assert keystroke_savings(lm, text.upper(), slots=3) == keystroke_savings(lm, text, slots=3)
+
+
+def test_ksr_is_a_fraction_and_counts_the_first_characters(lm: OnnxLM, tiny_corpus: Path) -> None:
+    text = (tiny_corpus / "test.txt").read_text(encoding="utf-8")
+    result = keystroke_savings(lm, text, max_chars=3000)
+    assert result == keystroke_savings(lm, text[:3000])
+    assert result["ksr_chars"] == 3000
+    assert 0 <= result["ksr"] < 1
+    assert result["words"] <= result["keys"] <= result["keys_without_prediction"]
+    # The tiny model has learned its tiny grammar: it should save a good share of the keys.
+    assert result["ksr"] > 0.3
+
+
+def test_one_model_step_per_word(lm: OnnxLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"step": 0, "head": 0}
+    step, head = lm.step, lm.head
+
+    def counted_step(*a: Any, **kw: Any) -> Any:
+        calls["step"] += 1
+        return step(*a, **kw)
+
+    def counted_head(*a: Any, **kw: Any) -> Any:
+        calls["head"] += 1
+        return head(*a, **kw)
+
+    monkeypatch.setattr(lm, "step", counted_step)
+    monkeypatch.setattr(lm, "head", counted_head)
+    result = keystroke_savings(lm, "The old king looked at the quiet garden, and the dog sat on my chair.")
+    assert calls == {"step": result["words"], "head": 0}  # <eos>, then one per word after the first
+
+
+def test_no_words_is_an_error(lm: OnnxLM) -> None:
+    with pytest.raises(ValueError, match="no words"):
+        keystroke_savings(lm, " ... !")
+
+
+def test_eval_cli_prints_keystroke_savings(tiny_bundle: Path, tiny_corpus: Path) -> None:
+    data = tiny_corpus / "test.txt"
+    cmd = ["eval", str(tiny_bundle), "--data", str(data), "--ksr", "--ksr-chars", "2000", "--slots", "3"]
+    out = subprocess.run(
+        [sys.executable, "-m", "nextword.cli", *cmd, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert {"perplexity", "ksr", "ksr_chars", "keys", "keys_without_prediction"} <= set(result)
+    assert result["ksr_chars"] == 2000 and 0 <= result["ksr"] < 1
+    assert result["ksr"] == pytest.approx(1 - result["keys"] / result["keys_without_prediction"])
+    plain = subprocess.run(
+        [sys.executable, "-m", "nextword.cli", *cmd], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert "keystroke savings" in plain.stdout
