@@ -110,6 +110,24 @@ def _eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slots", type=int, default=3, help="keystroke savings: suggestions shown")
 
 
+def _diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", type=Path, nargs="*", metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--cells", help="also fresh-initialised models of these cells, e.g. rnn,lstm")
+    p.add_argument("--out", type=Path, default=Path("grad.png"), help="PNG to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the norms")
+    p.add_argument("--horizon", "-K", type=int, default=100, help="largest k (steps back)")
+    p.add_argument("--sequences", type=int, default=8, help="sequences averaged over")
+    p.add_argument("--warmup", type=int, default=50, help="steps run before T-K, without gradient")
+    p.add_argument("--data", type=Path, help="text file: real token windows instead of random ids")
+    p.add_argument("--format", choices=["auto", "raw", "lines"], default="auto")
+    p.add_argument("--hidden-size", type=int, default=256, help="fresh models")
+    p.add_argument("--layers", type=int, default=1, help="fresh models")
+    p.add_argument("--vocab-size", type=int, default=10000, help="fresh models")
+    p.add_argument("--delay", type=int, default=4, help="fresh delay cell: skip connection from h(t-d)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
 # command -> (help, argument declarer, "module:function" that runs it)
 COMMANDS = {
     "train": ("train a recurrent language model (needs torch)", _train, "export.train:main"),
@@ -117,6 +135,11 @@ COMMANDS = {
         "export a trained run to an ONNX model bundle (needs torch)",
         _export,
         "export.onnx_export:main",
+    ),
+    "diagnose": (
+        "plot how the loss gradient vanishes back through time, per cell or run (needs torch)",
+        _diagnose,
+        "export.diagnose:main",
     ),
     "serve": ("serve a model bundle over gRPC", _serve, "server.app:main"),
     "predict": ("ask a running server for next-word suggestions", _predict, "clients.cli:predict"),
