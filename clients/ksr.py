@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from nextword.tokenizer import is_word, split_partial
+from server.batcher import Answer
 from server.predictor import Predictor
 from server.runtime import OnnxLM
 
@@ -125,8 +126,9 @@ def _typed_before_offered(predictor: Predictor, log_probs: np.ndarray, word: str
     Offered with the whole word typed saves nothing (taking it or typing the
     space is one key either way), so only shorter prefixes are looked at.
     """
+    answer = Answer(None, None, log_probs)  # the whole distribution, as the server has when completing
     for typed in range(len(word)):
-        prediction = predictor.predict(log_probs, word[:typed], slots, 0)
+        prediction = predictor.predict(answer, word[:typed], slots, 0)
         strip = prediction.completions if typed else prediction.suggestions
         if any(s.word == word for s in strip):
             return typed

@@ -247,25 +247,48 @@ class RNNLanguageModel(nn.Module):
         return self.decoder(out), new_state
 
 
-class StepGraph(nn.Module):
-    """Export view: (tokens, *state) -> (log_probs of the next word, *new_state)."""
+class _Ranked(nn.Module):
+    """Adds the top-k next words to a graph's outputs, offerable words only.
 
-    def __init__(self, model: RNNLanguageModel) -> None:
+    The server mostly needs k suggestions, not 10,000 log-probabilities: ranking
+    inside the graph moves O(k) numbers out of onnxruntime per session. ``offer``
+    is 0 for words a user may be offered and -inf for punctuation and specials
+    (``nextword.tokenizer.is_word``, the server's rule).
+    """
+
+    def __init__(self, model: RNNLanguageModel, offer: Tensor | None, top_k: int) -> None:
         super().__init__()
         self.model = model
+        self.top_k = top_k
+        self.offer: Tensor
+        self.register_buffer("offer", offer if offer is not None else torch.zeros(model.cfg.vocab_size))
+
+    def ranked(self, log_probs: Tensor) -> tuple[Tensor, ...]:
+        if not self.top_k:
+            return (log_probs,)
+        values, ids = torch.topk(log_probs + self.offer, self.top_k, dim=-1)
+        return log_probs, values, ids
+
+
+class StepGraph(_Ranked):
+    """Export view: (tokens, *state) -> (log_probs of the next word, *new_state[, top values, top ids])."""
+
+    def __init__(self, model: RNNLanguageModel, offer: Tensor | None = None, top_k: int = 0) -> None:
+        super().__init__(model, offer, top_k)
 
     def forward(self, tokens: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
         out, new_state = self.model.hidden(tokens, tuple(state))
-        log_probs = torch.log_softmax(self.model.decoder(out[:, -1]), dim=-1)
-        return (log_probs, *new_state)
+        log_probs, *top = self.ranked(torch.log_softmax(self.model.decoder(out[:, -1]), dim=-1))
+        return (log_probs, *new_state, *top)
 
 
-class HeadGraph(nn.Module):
-    """Export view: (first state tensor) -> log_probs, for a reply that brings no new word."""
+class HeadGraph(_Ranked):
+    """Export view: (first state tensor) -> log_probs[, top values, top ids], for a reply with no new word."""
 
-    def __init__(self, model: RNNLanguageModel) -> None:
-        super().__init__()
-        self.model = model
+    def __init__(self, model: RNNLanguageModel, offer: Tensor | None = None, top_k: int = 0) -> None:
+        super().__init__(model, offer, top_k)
 
-    def forward(self, first_state: Tensor) -> Tensor:
-        return torch.log_softmax(self.model.decoder(self.model.rnn.top_hidden(first_state)), dim=-1)
+    def forward(self, first_state: Tensor) -> tuple[Tensor, ...]:
+        return self.ranked(
+            torch.log_softmax(self.model.decoder(self.model.rnn.top_hidden(first_state)), dim=-1)
+        )

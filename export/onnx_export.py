@@ -27,7 +27,7 @@ import torch
 
 from export.model import HeadGraph, ModelConfig, RNNLanguageModel, StepGraph
 from nextword.bundle import BATCH, Graph, Manifest, StateTensor, load_bundle, write_manifest
-from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION
+from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab, is_word
 from server.runtime import OnnxLM
 
 WEIGHTS = "weights.bin"
@@ -78,31 +78,41 @@ def _to_onnx(
         return onnx.load(str(path))
 
 
+TOP_OUTPUTS = ["top_log_probs", "top_ids"]
+
+
+def offer_mask(vocab: Vocab) -> torch.Tensor:
+    """0 for the words a user may be offered, -inf for punctuation and specials."""
+    return torch.tensor([0.0 if is_word(w) else float("-inf") for w in vocab.words])
+
+
 def write_graphs(
-    model: RNNLanguageModel, specs: list[StateTensor], out: Path, opset: int
+    model: RNNLanguageModel, specs: list[StateTensor], out: Path, opset: int, offer: torch.Tensor, top_k: int
 ) -> tuple[Graph, Graph]:
     state = model.init_state(2)
+    top = TOP_OUTPUTS if top_k else []
     state_dyn = {s.input: {s.batch_axis: BATCH} for s in specs} | {
         s.output: {s.batch_axis: BATCH} for s in specs
     }
+    top_dyn = {name: {0: BATCH} for name in top}
     step_graph = Graph(
-        "model.onnx", ["tokens", *(s.input for s in specs)], ["log_probs", *(s.output for s in specs)]
+        "model.onnx", ["tokens", *(s.input for s in specs)], ["log_probs", *(s.output for s in specs), *top]
     )
     step = _to_onnx(
-        StepGraph(model).eval(),
+        StepGraph(model, offer, top_k).eval(),
         (torch.zeros(2, 3, dtype=torch.long), *state),
         step_graph.inputs,
         step_graph.outputs,
-        {"tokens": {0: BATCH, 1: "seq"}, "log_probs": {0: BATCH}, **state_dyn},
+        {"tokens": {0: BATCH, 1: "seq"}, "log_probs": {0: BATCH}, **state_dyn, **top_dyn},
         opset,
     )
-    head_graph = Graph("head.onnx", [specs[0].input], ["log_probs"])
+    head_graph = Graph("head.onnx", [specs[0].input], ["log_probs", *top])
     head = _to_onnx(
-        HeadGraph(model).eval(),
+        HeadGraph(model, offer, top_k).eval(),
         (state[0],),
         head_graph.inputs,
         head_graph.outputs,
-        {specs[0].input: {specs[0].batch_axis: BATCH}, "log_probs": {0: BATCH}},
+        {specs[0].input: {specs[0].batch_axis: BATCH}, "log_probs": {0: BATCH}, **top_dyn},
         opset,
     )
     onnx.save_model(
@@ -134,20 +144,25 @@ def _share_weights(head: onnx.ModelProto, step: onnx.ModelProto) -> None:
 
 
 def check_parity(model: RNNLanguageModel, lm: OnnxLM, tolerance: float, seed: int = 0) -> float:
-    """Max |torch - onnxruntime| over log-probs and states, for random tokens and states."""
+    """Max |torch - onnxruntime| over log-probs, states and top-k values, for random tokens and states."""
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.cfg.vocab_size, (3, 7), generator=gen)
     state = tuple(torch.randn(s.shape, generator=gen) * 0.5 for s in model.init_state(3))
+    offer = offer_mask(lm.bundle.vocab)
     with torch.no_grad():
-        want = StepGraph(model)(tokens, *state)
-        want_head = HeadGraph(model)(state[0])
-    log_probs, new_state = lm.step(tokens.numpy(), [s.numpy() for s in state])
-    head = lm.head([s.numpy() for s in state])
-    diffs = [
-        np.abs(a - b.numpy()).max()
-        for a, b in zip([log_probs, *new_state, head], [*want, want_head], strict=True)
+        log_probs, *rest = StepGraph(model, offer, lm.top_k)(tokens, *state)
+        head, *head_top = HeadGraph(model, offer, lm.top_k)(state[0])
+    want_state, want_top = rest[: len(state)], rest[len(state) :]
+    step = lm.step_ranked(tokens.numpy(), [s.numpy() for s in state], full=True)
+    got_head = lm.head_ranked([s.numpy() for s in state], full=True)
+    pairs = [
+        (step.log_probs, log_probs),
+        (got_head.log_probs, head),
+        *zip(step.state, want_state, strict=True),
     ]
-    worst = float(max(diffs))
+    if lm.top_k:  # the values, not the ids: near-ties may rank either way
+        pairs += [(step.top_values, want_top[0]), (got_head.top_values, head_top[0])]
+    worst = float(max(np.abs(got - want.numpy()).max() for got, want in pairs))
     if worst > tolerance:
         raise ParityError(f"onnxruntime differs from torch by {worst:.3g} > tolerance {tolerance:g}")
     return worst
@@ -162,6 +177,7 @@ def export_bundle(
     tolerance: float = 1e-4,
     eval_data: Path | None = None,
     command: str = "",
+    top_k: int = 64,
 ) -> Manifest:
     # Imported here: clients.evaluate is the same scorer `nextword eval` uses.
     from clients.evaluate import evaluate
@@ -171,13 +187,16 @@ def export_bundle(
         json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     )
     specs = state_spec(model)
+    final, out = out, out.with_name(out.name + ".partial")  # replace the old bundle only once all passed
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    step, head = write_graphs(model, specs, out, opset)
     shutil.copyfile(run_dir / "vocab.txt", out / "vocab.txt")
+    offer = offer_mask(Vocab.load(out / "vocab.txt"))
+    top_k = min(top_k, int(torch.isfinite(offer).sum()))  # never rank a non-word into the top
+    step, head = write_graphs(model, specs, out, opset, offer, top_k)
     manifest = Manifest(
-        name=name or out.name,
+        name=name or final.name,
         cell=model.cfg.cell,
         model={**model.cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters())},
         step=step,
@@ -189,6 +208,7 @@ def export_bundle(
             "training_format": summary.get("format"),
         },
         vocab_size=model.cfg.vocab_size,
+        topk={"k": top_k, "values": TOP_OUTPUTS[0], "ids": TOP_OUTPUTS[1]} if top_k else {},
         training={
             **{k: v for k, v in summary.items() if k != "metrics"},
             "config": config["train"],
@@ -225,6 +245,9 @@ def export_bundle(
     for file in out.iterdir():
         file.chmod(0o644)  # onnx writes external data owner-only; a bundle is meant to be shared
     write_manifest(out, manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
     return manifest
 
 
@@ -239,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
             tolerance=args.tolerance,
             eval_data=args.eval_data,
             command=command,
+            top_k=args.top_k,
         )
     except ParityError as exc:
         print(f"error: export refused: {exc}", file=sys.stderr)

@@ -64,8 +64,8 @@ class Manifest:
     name: str
     cell: str
     model: dict[str, Any]  # sizes: vocab_size, embedding_dim, hidden_size, num_layers, ...
-    step: Graph  # inputs: tokens then state inputs; outputs: log_probs then state outputs
-    head: Graph  # inputs: state inputs it uses; outputs: log_probs
+    step: Graph  # inputs: tokens, state inputs; outputs: log_probs, state outputs[, topk outputs]
+    head: Graph  # inputs: state inputs it uses; outputs: log_probs[, topk outputs]
     state: list[StateTensor]
     tokenizer: dict[str, Any]
     vocab_file: str = "vocab.txt"
@@ -73,6 +73,9 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    # In-graph ranking, when the graphs have it: {"k": K, "values": name, "ids": name}, the top K
+    # offerable words (is_word) by log-probability, an extra output of both graphs.
+    topk: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # file -> sha256
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -162,8 +165,16 @@ def _check(root: Path, m: Manifest, *, verify: bool) -> None:
                 f"{root}: state {s.name!r} shape {s.shape} must have exactly one {BATCH!r} axis"
             )
     state_in = [s.input for s in m.state]
-    if m.step.inputs[1:] != state_in or m.step.outputs[1:] != [s.output for s in m.state]:
+    if m.step.inputs[1:] != state_in or m.step.outputs[1 : 1 + len(m.state)] != [s.output for s in m.state]:
         raise BundleError(f"{root}: step graph inputs/outputs do not match the state spec")
+    if m.topk:
+        ranked = {m.topk.get("values"), m.topk.get("ids")}
+        if (
+            not ranked <= set(m.step.outputs)
+            or not ranked <= set(m.head.outputs)
+            or int(m.topk.get("k", 0)) < 1
+        ):
+            raise BundleError(f"{root}: manifest topk {m.topk} does not name outputs of both graphs")
     if not set(m.head.inputs) <= set(state_in):
         raise BundleError(f"{root}: head graph reads inputs that are not state tensors: {m.head.inputs}")
     for name in (m.step.file, m.head.file, m.vocab_file):

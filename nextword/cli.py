@@ -60,6 +60,9 @@ def _export(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--name", help="model name (default: the bundle directory's name)")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument(
+        "--top-k", type=int, default=64, help="rank this many words inside the graphs (0: the server ranks)"
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |torch - onnxruntime| allowed")
     p.add_argument(
         "--eval-data",
@@ -97,6 +100,21 @@ def _predict(p: argparse.ArgumentParser) -> None:
 def _complete(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT")
     p.add_argument("--k", type=int, default=5, help="suggestions shown")
+
+
+def _loadtest(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="server HOST:PORT; loopback only")
+    p.add_argument("--streams", type=int, default=8, help="concurrent sessions (one stream each)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--duration", type=float, help="seconds to run (default 10)")
+    stop.add_argument("--words", type=int, help="stop after this many words in all")
+    p.add_argument("--rate", type=float, help="words/s per stream, open loop (default: closed loop)")
+    p.add_argument("--context-words", type=int, default=0, help="words sent in one request before measuring")
+    p.add_argument("--text", type=Path, help="text to type (default: the Gutenberg test split, if present)")
+    p.add_argument("--k", type=int, default=3, help="suggestions asked for")
+    p.add_argument("--procs", type=int, default=1, help="client processes the streams are spread over")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--allow-remote", action="store_true", help="allow a target that is not loopback")
 
 
 def _eval(p: argparse.ArgumentParser) -> None:
@@ -147,6 +165,11 @@ COMMANDS = {
         "interactive autocomplete in the terminal against a running server",
         _complete,
         "clients.autocomplete:main",
+    ),
+    "loadtest": (
+        "many concurrent sessions against a running server: words/s and latency percentiles",
+        _loadtest,
+        "clients.loadtest:main",
     ),
     "eval": (
         "perplexity and top-1/top-3 accuracy of a bundle on a text file",

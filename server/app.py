@@ -25,6 +25,7 @@ from server.metrics import Metrics, MetricsEndpoint
 from server.runtime import OnnxLM
 from server.service import NextWordServicer
 from server.session import SessionTable
+from server.state import StatePool
 
 log = logging.getLogger("nextword.server")
 
@@ -63,6 +64,19 @@ class RunningServer:
             self._endpoint.close()
 
 
+def warm_up(lm: OnnxLM, max_batch: int) -> None:
+    """Run every batch size the batcher can form once, so no user meets a cold shape.
+
+    onnxruntime sizes its buffers on the first call of each shape; doing that now
+    costs a few milliseconds here instead of a slow first reply there.
+    """
+    for n in range(1, max_batch + 1):
+        state = lm.zero_state(n)
+        for seq in (1, 2) if n == 1 else (1,):
+            lm.step_ranked(np.ones((n, seq), dtype=np.int64), state, full=True)
+        lm.head_ranked(state, full=True)
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the model and start serving; raises BundleError/StartupError with a message to act on."""
     bundle = load_bundle(config.model)
@@ -81,15 +95,17 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics.model_info.info({"name": m.name, "cell": m.cell, "provider": lm.provider})
     # Training text follows an <eos>: every context starts from the state after one.
     _, initial_state = lm.step(np.array([[bundle.vocab.eos_id]], dtype=np.int64), lm.zero_state(1))
+    warm_up(lm, config.max_batch)
 
-    sessions = SessionTable(config.max_sessions, config.session_ttl)
+    pool = StatePool(m.state, initial_state)
+    sessions = SessionTable(config.max_sessions, config.session_ttl, on_drop=lambda s: pool.free(s.slot))
     metrics.active_sessions.set_function(lambda: len(sessions))
-    batcher = Batcher(lm, metrics, max_batch=config.max_batch, max_delay=config.max_delay_ms / 1000)
+    batcher = Batcher(lm, pool, metrics, max_batch=config.max_batch, max_delay=config.max_delay_ms / 1000)
     servicer = NextWordServicer(
         config=config,
         bundle=bundle,
         provider=lm.provider,
-        initial_state=initial_state,
+        pool=pool,
         batcher=batcher,
         sessions=sessions,
         metrics=metrics,

@@ -1,12 +1,19 @@
 """Dynamic batching: concurrent sessions' model calls share one onnxruntime run.
 
-Callers await ``step``/``head`` with their own batch-1 state. A single worker
-task takes the first waiting request, waits up to ``max_delay`` for others,
-groups them (a step group needs one sequence length: padding would run pad
-tokens through the recurrent state and corrupt it; head calls always group),
-and runs one graph call per group in a one-thread executor, so the event loop
-keeps serving while onnxruntime (which releases the GIL) computes. While a call
-runs, new requests queue up, so batches grow with load on their own.
+Callers await ``step``/``head`` naming the state slot to read (``server.state``)
+and, for a step, the slot to write the new state into (or ``DISCARD``). A single
+worker task takes the first waiting request, waits up to ``max_delay`` for
+others, groups them (a step group needs one sequence length: padding would run
+pad tokens through the recurrent state and corrupt it; head calls always
+group), gathers the group's states from the pool with one ``np.take`` per state
+tensor, runs one graph call in a one-thread executor (onnxruntime releases the
+GIL, so the event loop keeps serving), and scatters the new states back with
+one indexed write per tensor. While a call runs, new requests queue up, so
+batches grow with load on their own.
+
+Gather and scatter run on the event-loop thread: the pool may grow (reallocate)
+there when a session needs a slot, so its arrays are only touched from that
+thread.
 """
 
 from __future__ import annotations
@@ -21,29 +28,49 @@ from typing import Any, TypeVar
 import numpy as np
 
 from server.metrics import Metrics
-from server.runtime import OnnxLM, State
+from server.runtime import OnnxLM, Ranked
+from server.state import StatePool
 
 T = TypeVar("T")
 HEAD = -1  # group key of head calls; step calls are keyed by their sequence length
+DISCARD = -1  # destination slot of a step whose new state nobody keeps
+
+
+@dataclass
+class Answer:
+    """One request's share of a graph call."""
+
+    top_values: np.ndarray | None  # [K] log-probs of the top offerable words, best first
+    top_ids: np.ndarray | None  # [K]
+    log_probs: np.ndarray | None  # [vocab], only when asked for (completions, k above K)
 
 
 @dataclass(eq=False)
 class _Request:
     key: int
     tokens: Sequence[int]
-    state: State
-    future: asyncio.Future[tuple[np.ndarray, State]] = field(repr=False)
+    src: int
+    dst: int
+    full: bool
+    future: asyncio.Future[Answer] = field(repr=False)
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
     def __init__(
-        self, lm: OnnxLM, metrics: Metrics, *, max_batch: int = 64, max_delay: float = 0.0005
+        self,
+        lm: OnnxLM,
+        pool: StatePool,
+        metrics: Metrics,
+        *,
+        max_batch: int = 64,
+        max_delay: float = 0.0005,
     ) -> None:
         self._lm = lm
+        self._pool = pool
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay
-        self._axes = [spec.batch_axis for spec in lm.state_spec]
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
@@ -57,20 +84,19 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def step(self, tokens: Sequence[int], state: State) -> tuple[np.ndarray, State]:
-        """Feed ``tokens`` (one sequence) from ``state``: next-word log-probs [V] and the new state."""
+    async def step(self, tokens: Sequence[int], src: int, dst: int, *, full: bool) -> Answer:
+        """Feed ``tokens`` from the state in slot ``src``, the new state into slot ``dst``."""
         if not tokens:
             raise ValueError("step needs at least one token")
-        return await self._submit(len(tokens), tokens, state)
+        return await self._submit(len(tokens), tokens, src, dst, full)
 
-    async def head(self, state: State) -> np.ndarray:
-        """Next-word log-probs [V] read from ``state``."""
-        log_probs, _ = await self._submit(HEAD, (), state)
-        return log_probs
+    async def head(self, src: int, *, full: bool) -> Answer:
+        """The next-word distribution read from the state in slot ``src``."""
+        return await self._submit(HEAD, (), src, DISCARD, full)
 
-    async def _submit(self, key: int, tokens: Sequence[int], state: State) -> tuple[np.ndarray, State]:
-        future: asyncio.Future[tuple[np.ndarray, State]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(key, tokens, state, future))
+    async def _submit(self, key: int, tokens: Sequence[int], src: int, dst: int, full: bool) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Request(key, tokens, src, dst, full, future))
         return await future
 
     async def _run(self) -> None:
@@ -91,44 +117,56 @@ class Batcher:
             batch.append(self._queue.get_nowait())
 
     async def _run_group(self, key: int, group: list[_Request]) -> None:
-        # A caller that went away (its RPC was cancelled) needs no answer.
+        # A caller that went away (its RPC was cancelled) needs no answer; its slot is freed by it.
         group = [r for r in group if not r.future.done()]
         if not group:
             return
+        start = time.perf_counter()
+        for r in group:
+            self._metrics.queue_wait.observe(start - r.enqueued)
         try:
-            results = await self._compute(key, group)
+            answers = await self._compute(key, group)
         except Exception as exc:  # the model failed: every caller of this group gets the error
             for r in group:
                 if not r.future.done():
                     r.future.set_exception(exc)
             return
         self._metrics.batch_size.observe(len(group))
-        for r, result in zip(group, results, strict=True):
+        for r, answer in zip(group, answers, strict=True):
             if not r.future.done():
-                r.future.set_result(result)
+                r.future.set_result(answer)
 
-    async def _compute(self, key: int, group: list[_Request]) -> list[tuple[np.ndarray, State]]:
-        """One graph call for the group: gather states along their batch axes, scatter the results."""
-        state = [np.concatenate([r.state[i] for r in group], axis=axis) for i, axis in enumerate(self._axes)]
+    async def _compute(self, key: int, group: list[_Request]) -> list[Answer]:
+        """One graph call for the group: gather its states, run, scatter the new states."""
+        n = len(group)
+        state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
+        full = any(r.full for r in group)
         if key == HEAD:
-            log_probs = await self._call("head", self._lm.head, state)
-            return [(log_probs[b].copy(), r.state) for b, r in enumerate(group)]
-        tokens = np.array([r.tokens for r in group], dtype=np.int64)
-        log_probs, new_state = await self._call("step", self._lm.step, tokens, state)
-        self._metrics.words.inc(len(group) * key)
-        # Copies, so a session does not pin the whole batch's arrays in memory.
-        return [(log_probs[b].copy(), self._slice(new_state, b)) for b in range(len(group))]
+            ranked = await self._call("head", self._lm.head_ranked, state, full=full)
+        else:
+            tokens = np.array([r.tokens for r in group], dtype=np.int64)
+            ranked = await self._call("step", self._lm.step_ranked, tokens, state, full=full)
+            dst = np.fromiter((r.dst for r in group), dtype=np.intp, count=n)
+            keep = dst != DISCARD
+            self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
+            self._metrics.words.inc(n * key)
+        return [self._answer(ranked, b, r.full) for b, r in enumerate(group)]
 
-    async def _call(self, graph: str, fn: Callable[..., T], *args: Any) -> T:
+    @staticmethod
+    def _answer(ranked: Ranked, b: int, full: bool) -> Answer:
+        return Answer(
+            None if ranked.top_values is None else ranked.top_values[b],
+            None if ranked.top_ids is None else ranked.top_ids[b],
+            ranked.log_probs[b] if full and ranked.log_probs is not None else None,
+        )
+
+    async def _call(self, graph: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the model thread, timing the graph alone (not the queueing)."""
 
         def timed() -> T:
             start = time.perf_counter()
-            result = fn(*args)
+            result = fn(*args, **kwargs)
             self._metrics.onnx_compute.labels(graph).observe(time.perf_counter() - start)
             return result
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
-
-    def _slice(self, state: State, b: int) -> State:
-        return [np.take(s, [b], axis=axis) for s, axis in zip(state, self._axes, strict=True)]

@@ -42,7 +42,7 @@ class Metrics:
         )
         self.onnx_compute = Histogram(
             "nextword_onnx_compute_seconds",
-            "onnxruntime time per batched graph call",
+            "onnxruntime time per batched graph call (compute time per batch)",
             ["graph"],
             registry=reg,
             buckets=LATENCY_BUCKETS,
@@ -52,6 +52,12 @@ class Metrics:
             "Requests served by one graph call",
             registry=reg,
             buckets=BATCH_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "nextword_queue_wait_seconds",
+            "Time a model call waited in the batcher's queue before its batch ran",
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
         )
         self.active_sessions = Gauge("nextword_active_sessions", "Sessions held in memory", registry=reg)
         self.words = Counter("nextword_words", "Tokens run through the model", registry=reg)

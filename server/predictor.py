@@ -8,6 +8,7 @@ import numpy as np
 
 from nextword.tokenizer import Vocab, is_word
 from nextword.v1 import nextword_pb2 as pb
+from server.batcher import Answer
 
 _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
 
@@ -20,17 +21,31 @@ class Predictor:
     starting with a prefix are one contiguous run, found by bisection.
     """
 
-    def __init__(self, vocab: Vocab) -> None:
+    def __init__(self, vocab: Vocab, *, graph_k: int = 0) -> None:
+        self.graph_k = graph_k  # the graphs rank this many offerable words themselves
         self._words = vocab.words
         self._suggestable = np.array([i for i, w in enumerate(vocab.words) if is_word(w)], dtype=np.int64)
         by_word = sorted(self._suggestable.tolist(), key=lambda i: vocab.words[i])
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
 
-    def predict(self, log_probs: np.ndarray, partial: str, k: int, context_tokens: int) -> pb.Prediction:
-        completions = self._top(log_probs, self.completion_ids(partial), k) if partial else []
+    def predict(self, answer: Answer, partial: str, k: int, context_tokens: int) -> pb.Prediction:
+        """Suggestions from the graph's own top-k when it has enough; completions need the full row."""
+        if answer.top_values is not None and answer.top_ids is not None and k <= len(answer.top_values):
+            values, ids = answer.top_values[:k], answer.top_ids[:k]
+            words = self._words
+            suggestions = [
+                pb.Suggestion(word=words[i], prob=float(np.exp(v))) for v, i in zip(values, ids, strict=True)
+            ]
+        else:
+            assert answer.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
+            suggestions = self._top(answer.log_probs, self._suggestable, k)
+        completions = []
+        if partial:
+            assert answer.log_probs is not None, "completions need the full distribution"
+            completions = self._top(answer.log_probs, self.completion_ids(partial), k)
         return pb.Prediction(
-            suggestions=self._top(log_probs, self._suggestable, k),
+            suggestions=suggestions,
             completions=completions,
             partial=partial,
             context_tokens=context_tokens,

@@ -1,14 +1,16 @@
 """onnxruntime over a model bundle: the only place the graphs are run.
 
-Used by the server (one call per batch of session steps) and by
-``nextword eval``. State tensors travel as a list ordered like the manifest's
-state spec and are bound to graph inputs/outputs by their manifest names.
+Used by the server (one call per batch of session steps) and by ``nextword
+eval``. State tensors travel as a list ordered like the manifest's state spec
+and are bound to graph inputs/outputs by their manifest names, never by
+position.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -18,6 +20,16 @@ from nextword.bundle import Bundle, BundleError
 log = logging.getLogger(__name__)
 
 State = list[np.ndarray]
+
+
+@dataclass
+class Ranked:
+    """A graph call's answer for a batch: the top-k offerable words, the full log-probs if asked."""
+
+    top_values: np.ndarray | None  # [batch, K] log-probs, best first (None: the graph does not rank)
+    top_ids: np.ndarray | None  # [batch, K]
+    log_probs: np.ndarray | None  # [batch, vocab], fetched only when needed
+    state: State  # the new state (step) or [] (head)
 
 
 def choose_providers(device: str) -> list[str]:
@@ -71,8 +83,12 @@ class OnnxLM:
         self.provider = self._step.get_providers()[0]
         self._check_io()
         self.state_spec = m.state
-        self._step_out = list(m.step.outputs)
-        self._head_in = [self.state_spec.index(s) for s in m.state if s.input in m.head.inputs]
+        self._tokens = m.step.inputs[0]
+        self._log_probs = m.step.outputs[0]
+        self._state_out = [s.output for s in m.state]
+        self._top = [m.topk["values"], m.topk["ids"]] if m.topk else []
+        self.top_k = int(m.topk["k"]) if m.topk else 0
+        self._head_in = [i for i, s in enumerate(m.state) if s.input in m.head.inputs]
         log.info("loaded %s (%s) with %s", m.name, m.cell, self.provider)
 
     def _check_io(self) -> None:
@@ -93,17 +109,36 @@ class OnnxLM:
     def zero_state(self, batch: int) -> State:
         return [np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.state_spec]
 
-    def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
-        """Run ``tokens`` [batch, seq] from ``state``: next-word log-probs [batch, vocab], new state."""
-        m = self.bundle.manifest
-        feeds = {m.step.inputs[0]: np.ascontiguousarray(tokens, dtype=np.int64)}
+    def _step_feeds(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {self._tokens: np.ascontiguousarray(tokens, dtype=np.int64)}
         for spec, value in zip(self.state_spec, state, strict=True):
             feeds[spec.input] = value
-        outputs = self._step.run(self._step_out, feeds)
+        return feeds
+
+    def step(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> tuple[np.ndarray, State]:
+        """Run ``tokens`` [batch, seq] from ``state``: next-word log-probs [batch, vocab], new state."""
+        outputs = self._step.run([self._log_probs, *self._state_out], self._step_feeds(tokens, state))
         return outputs[0], outputs[1:]
 
     def head(self, state: Sequence[np.ndarray]) -> np.ndarray:
         """Next-word log-probs [batch, vocab] read from a state, with no new token."""
-        m = self.bundle.manifest
-        feeds = {self.state_spec[i].input: state[i] for i in self._head_in}
-        return self._head.run(m.head.outputs, feeds)[0]
+        return self._head.run([self._log_probs], self._head_feeds(state))[0]
+
+    def step_ranked(self, tokens: np.ndarray, state: Sequence[np.ndarray], *, full: bool) -> Ranked:
+        """Like ``step``, fetching the in-graph top-k, and the full log-probs only if ``full``."""
+        names = [*self._state_out, *self._top, *([self._log_probs] if full or not self._top else [])]
+        outputs = self._step.run(names, self._step_feeds(tokens, state))
+        n = len(self._state_out)
+        return self._ranked(outputs[n:], outputs[:n])
+
+    def head_ranked(self, state: Sequence[np.ndarray], *, full: bool) -> Ranked:
+        names = [*self._top, *([self._log_probs] if full or not self._top else [])]
+        return self._ranked(self._head.run(names, self._head_feeds(state)), [])
+
+    def _ranked(self, outputs: list[np.ndarray], state: State) -> Ranked:
+        if self._top:
+            return Ranked(outputs[0], outputs[1], outputs[2] if len(outputs) > 2 else None, state)
+        return Ranked(None, None, outputs[0], state)
+
+    def _head_feeds(self, state: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.state_spec[i].input: state[i] for i in self._head_in}

@@ -9,19 +9,18 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
-import numpy as np
 
 from nextword.bundle import MANIFEST, Bundle
 from nextword.tokenizer import split_partial
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.batcher import Batcher
+from server.batcher import DISCARD, Batcher
 from server.config import ServerConfig
 from server.metrics import Metrics
 from server.predictor import Predictor
-from server.runtime import State
 from server.session import Session as SessionRecord  # the RPC method below is named Session
 from server.session import SessionTable, SessionTableFull, Stream
+from server.state import INITIAL, StatePool
 
 
 @dataclass
@@ -29,7 +28,7 @@ class _Advance:
     """What a text increment did to a context (committed to a session only if still owned)."""
 
     prediction: pb.Prediction
-    state: State
+    slot: int  # where the new state is (the old slot when no word was complete)
     pending: str
     context_tokens: int
 
@@ -41,7 +40,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         config: ServerConfig,
         bundle: Bundle,
         provider: str,
-        initial_state: State,
+        pool: StatePool,
         batcher: Batcher,
         sessions: SessionTable,
         metrics: Metrics,
@@ -49,12 +48,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._config = config
         self._bundle = bundle
         self._provider = provider
-        # The state after <eos>: training text starts after one, so every context does too.
-        self._initial_state = initial_state
+        self._pool = pool
         self._batcher = batcher
         self._sessions = sessions
         self._metrics = metrics
-        self._predictor = Predictor(bundle.vocab)
+        self._predictor = Predictor(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
 
     async def Session(
@@ -86,7 +84,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         start = time.perf_counter()
         await self._validate("Predict", context, request.text, request.k, request.model)
         k = request.k or self._config.default_k
-        step = await self._advance(self._initial_state, "", 0, request.text, k)
+        step = await self._advance(INITIAL, "", 0, request.text, k, keep=False)
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
         return pb.PredictReply(prediction=step.prediction)
 
@@ -136,7 +134,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 )
         else:
             try:
-                session = self._sessions.create(self._initial_state, self._config.default_k)
+                session = self._sessions.create(self._config.default_k)
             except SessionTableFull as exc:
                 await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self._sessions.attach(session, stream)
@@ -149,43 +147,64 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         stream: Stream,
         request: pb.SessionRequest,
     ) -> pb.SessionReply:
-        if request.reset:
-            state, pending, context_tokens = self._initial_state, "", 0
-        else:
-            state, pending, context_tokens = session.state, session.pending, session.context_tokens
-        total, limit = len(pending) + len(request.text), self._config.max_text_chars
-        if total > limit:
-            # A word typed without end would otherwise grow the context we re-tokenize without bound.
-            await self._fail(
-                "Session",
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"this text and the unfinished word before it ({len(pending)} characters) "
-                f"come to {total} characters, more than --max-text-chars {limit}; "
-                "finish the word with a space, or send reset",
+        async with session.lock:  # one request of a session at a time, even across streams
+            if request.reset:
+                src, pending, context_tokens = INITIAL, "", 0
+            else:
+                src, pending, context_tokens = session.slot, session.pending, session.context_tokens
+            total, limit = len(pending) + len(request.text), self._config.max_text_chars
+            if total > limit:
+                # A word typed without end would otherwise grow the context we re-tokenize without bound.
+                await self._fail(
+                    "Session",
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"this text and the unfinished word before it ({len(pending)} characters) "
+                    f"come to {total} characters, more than --max-text-chars {limit}; "
+                    "finish the word with a space, or send reset",
+                )
+            k = request.k or session.k
+            step = await self._advance(src, pending, context_tokens, request.text, k, keep=True)
+            # While the model ran, another stream may have resumed this session: it owns it now.
+            if session.stream is not stream:
+                if step.slot != src:
+                    self._pool.free(step.slot)
+                await self._superseded(context)
+            if step.slot != session.slot:
+                self._pool.free(session.slot)
+            session.slot, session.pending, session.context_tokens = (
+                step.slot,
+                step.pending,
+                step.context_tokens,
             )
-        k = request.k or session.k
-        step = await self._advance(state, pending, context_tokens, request.text, k)
-        # While the model ran, another stream may have resumed this session: it owns it now.
-        if session.stream is not stream:
-            await self._superseded(context)
-        session.state, session.pending, session.context_tokens = step.state, step.pending, step.context_tokens
-        session.k = k
-        session.seq += 1
-        self._sessions.touch(session)
-        return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
+            session.k = k
+            session.seq += 1
+            self._sessions.touch(session)
+            return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
 
-    async def _advance(self, state: State, pending: str, context_tokens: int, text: str, k: int) -> _Advance:
-        """Feed the complete words of ``pending + text`` in one model call; predict from the result."""
+    async def _advance(
+        self, src: int, pending: str, context_tokens: int, text: str, k: int, *, keep: bool
+    ) -> _Advance:
+        """Feed the complete words of ``pending + text`` in one model call; predict from the result.
+
+        With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
+        """
         tokens, partial = split_partial(pending + text)
-        log_probs: np.ndarray
+        full = bool(partial) or k > self._predictor.graph_k  # completions rank the whole vocabulary
+        slot = src
         if tokens:
-            log_probs, state = await self._batcher.step(self._bundle.vocab.encode(tokens), state)
+            slot = self._pool.alloc() if keep else DISCARD
+            try:
+                answer = await self._batcher.step(self._bundle.vocab.encode(tokens), src, slot, full=full)
+            except BaseException:
+                if keep:
+                    self._pool.free(slot)
+                raise
         else:
-            log_probs = await self._batcher.head(state)
+            answer = await self._batcher.head(src, full=full)
         context_tokens += len(tokens)
-        prediction = self._predictor.predict(log_probs, partial, k, context_tokens)
-        return _Advance(prediction, state, partial, context_tokens)
+        prediction = self._predictor.predict(answer, partial, k, context_tokens)
+        return _Advance(prediction, slot, partial, context_tokens)
 
     # ---- errors --------------------------------------------------------------
     async def _validate(

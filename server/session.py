@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.runtime import State
+from server.state import INITIAL
 
 
 class SessionTableFull(Exception):
@@ -29,31 +29,39 @@ class Stream:
         self.superseded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Session:
     id: str
-    state: State  # ordered like the manifest's state spec, batch size 1
     k: int
+    slot: int = INITIAL  # where its recurrent state is in the server's StatePool
     pending: str = ""  # the partial word typed so far, normalised
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
     seq: int = 0  # requests answered
     last_used: float = field(default_factory=time.monotonic)
     stream: Stream | None = None  # the stream attached, if any
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time
 
 
 class SessionTable:
     """Sessions by id, least recently used first."""
 
-    def __init__(self, max_sessions: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_drop: Callable[[Session], None] = lambda session: None,
+    ) -> None:
         self.max_sessions = max_sessions
         self.ttl = ttl
         self._clock = clock
+        self._on_drop = on_drop  # frees what a session holds outside the table (its state slot)
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, state: State, k: int) -> Session:
+    def create(self, k: int) -> Session:
         """A new session; makes room by evicting the least recently used idle one."""
         if len(self._sessions) >= self.max_sessions:
             self.expire()
@@ -64,8 +72,8 @@ class SessionTable:
                     f"all {self.max_sessions} sessions are attached to open streams; "
                     "close idle streams or raise --max-sessions"
                 )
-            del self._sessions[victim.id]
-        session = Session(secrets.token_hex(16), state, k, last_used=self._clock())
+            self._drop(victim)
+        session = Session(secrets.token_hex(16), k, last_used=self._clock())
         self._sessions[session.id] = session
         return session
 
@@ -75,7 +83,7 @@ class SessionTable:
         if session is None:
             return None
         if session.stream is None and self._expired(session, self._clock()):
-            del self._sessions[session_id]
+            self._drop(session)
             return None
         self.touch(session)
         return session
@@ -108,9 +116,9 @@ class SessionTable:
                 continue
             if not self._expired(session, now):
                 break
-            stale.append(session.id)
-        for session_id in stale:
-            del self._sessions[session_id]
+            stale.append(session)
+        for session in stale:
+            self._drop(session)
         return len(stale)
 
     async def sweep_forever(self) -> None:
@@ -119,6 +127,10 @@ class SessionTable:
         while True:
             await asyncio.sleep(interval)
             self.expire()
+
+    def _drop(self, session: Session) -> None:
+        del self._sessions[session.id]
+        self._on_drop(session)
 
     def _expired(self, session: Session, now: float) -> bool:
         return now - session.last_used >= self.ttl

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ARGS = ["--epochs", "2", "--embedding-dim", "16", "--hidden-size", "16", "--layers", "1", "--batch-size", "16"]
-ARGS += ["--bptt", "20", "--min-count", "1", "--threads", "1", "--dropout", "0"]
+ARGS = ["--epochs", "2", "--embedding-dim", "16", "--hidden-size", "16", "--layers", "1"]
+ARGS += ["--batch-size", "16", "--bptt", "20", "--min-count", "1", "--threads", "1", "--dropout", "0"]
 
 
 def _history(run: Path) -> list[dict]:

@@ -34,6 +34,7 @@ from server.batcher import Batcher
 from server.config import ANY_FREE_PORT, ServerConfig
 from server.metrics import Metrics
 from server.runtime import OnnxLM
+from server.state import INITIAL, StatePool
 
 # One event loop for the module's servers, channels and tests: grpc.aio objects belong to one loop.
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -368,30 +369,82 @@ async def test_concurrent_sessions_answer_as_if_alone(stub: pb_grpc.NextWordStub
 async def test_batcher_groups_and_scatters(tiny_bundle: Path) -> None:
     lm = OnnxLM(load_bundle(tiny_bundle), device="cpu", threads=1)
     metrics = Metrics()
-    batcher = Batcher(lm, metrics, max_batch=4, max_delay=0.001)
+    _, base = lm.step(np.array([[1]]), lm.zero_state(1))
+    pool = StatePool(lm.state_spec, base, capacity=4)  # small: the batch below makes it grow
+    batcher = Batcher(lm, pool, metrics, max_batch=4, max_delay=0.001)
     batcher.start()
     try:
         rng = np.random.default_rng(0)
-        _, base = lm.step(np.array([[1]]), lm.zero_state(1))
         calls = [rng.integers(3, lm.vocab_size, size=int(n)).tolist() for n in (1, 2, 1, 1, 2, 3, 1, 1, 1)]
+        slots = [pool.alloc() for _ in calls]
         stepped, headed = await asyncio.gather(  # all queued before the batcher runs: they batch
-            asyncio.gather(*(batcher.step(tokens, base) for tokens in calls)),
-            asyncio.gather(*(batcher.head(base) for _ in range(3))),
+            asyncio.gather(
+                *(batcher.step(t, INITIAL, s, full=True) for t, s in zip(calls, slots, strict=True))
+            ),
+            asyncio.gather(*(batcher.head(INITIAL, full=False) for _ in range(3))),
         )
-        for tokens, (log_probs, state) in zip(calls, stepped, strict=True):
+        for tokens, slot, answer in zip(calls, slots, stepped, strict=True):
             want_lp, want_state = lm.step(np.array([tokens]), base)
-            np.testing.assert_allclose(log_probs, want_lp[0], atol=1e-5)
-            for got, want in zip(state, want_state, strict=True):
+            assert (
+                answer.log_probs is not None and answer.top_values is not None and answer.top_ids is not None
+            )
+            np.testing.assert_allclose(answer.log_probs, want_lp[0], atol=1e-5)
+            np.testing.assert_allclose(
+                answer.top_values, np.sort(want_lp[0][answer.top_ids])[::-1], atol=1e-5
+            )
+            for got, want in zip(pool.read(slot), want_state, strict=True):
                 assert got.shape == want.shape
                 np.testing.assert_allclose(got, want, atol=1e-5)
-        for log_probs in headed:
-            np.testing.assert_allclose(log_probs, lm.head(base)[0], atol=1e-5)
+        for answer in headed:  # only the in-graph top-k crossed out of onnxruntime
+            assert answer.log_probs is None and answer.top_values is not None
+            np.testing.assert_allclose(np.exp(answer.top_values).sum() <= 1, True)
     finally:
         await batcher.close()
     calls_made = metrics.registry.get_sample_value("nextword_batch_size_count")
     served = metrics.registry.get_sample_value("nextword_batch_size_sum")
     assert served == len(calls) + 3 and calls_made is not None and calls_made < served
     assert metrics.registry.get_sample_value("nextword_words_total") == sum(len(t) for t in calls)
+    assert metrics.registry.get_sample_value("nextword_queue_wait_seconds_count") == served
+
+
+async def test_state_pool_grows_and_reuses_slots(tiny_bundle: Path) -> None:
+    lm = OnnxLM(load_bundle(tiny_bundle), device="cpu", threads=1)
+    initial = [np.full(s.shape, 0.5, dtype=np.float32) for s in lm.zero_state(1)]
+    pool = StatePool(lm.state_spec, initial, capacity=2)
+    slots = [pool.alloc() for _ in range(5)]
+    assert len(set(slots)) == 5 and INITIAL not in slots and pool.capacity >= 6
+    batch = [np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) for s in lm.zero_state(5)]
+    pool.scatter(np.array(slots), np.arange(5), batch)
+    pool.alloc()  # another growth must keep what was written
+    for i, slot in enumerate(slots):
+        for got, full in zip(pool.read(slot), batch, strict=True):
+            np.testing.assert_array_equal(got, np.take(full, [i], axis=1))
+    for got, want in zip(pool.gather(np.array([INITIAL, slots[2]])), initial, strict=True):
+        np.testing.assert_array_equal(np.take(got, [0], axis=1), want)
+    pool.free(slots[0])
+    assert pool.alloc() == slots[0]
+    # An idle session costs its state's bytes and nothing more in the pool.
+    assert pool.slot_bytes == sum(int(np.prod(s.shape)) * 4 for s in lm.zero_state(1))
+
+
+async def test_state_paired_by_name_not_position(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A manifest listing the state tensors in another order serves exactly the same answers."""
+    flipped = shutil.copytree(tiny_bundle, tmp_path / "flipped")
+    manifest = json.loads((flipped / "manifest.json").read_text())
+    manifest["state"] = manifest["state"][::-1]  # c before h: neither graph order nor name order
+    manifest["step"]["inputs"] = [manifest["step"]["inputs"][0], *(s["input"] for s in manifest["state"])]
+    outputs = manifest["step"]["outputs"]
+    manifest["step"]["outputs"] = [outputs[0], *(s["output"] for s in manifest["state"]), *outputs[3:]]
+    (flipped / "manifest.json").write_text(json.dumps(manifest))
+    texts = ["the cat sat on the ", "a dog ran past my house, and ", "the old king spoke to "]
+    answers = []
+    for bundle in (tiny_bundle, flipped):
+        async with serving(bundle) as (_, stub):
+            pieces = [[w + " " for w in text.split()] for text in texts]
+            answers.append(await asyncio.gather(*(type_words(stub, words) for words in pieces)))
+    for a, b in zip(*answers, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert_same(x.prediction, y.prediction)
 
 
 # ---------------------------------------------------------------------------- operations

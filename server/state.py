@@ -1,0 +1,91 @@
+"""Every session's recurrent state in one preallocated array per state tensor.
+
+A session owns a *slot*: an index along each tensor's batch axis. A batch of
+steps gathers its sessions' slots with one ``np.take`` per tensor into buffers
+kept per batch size, runs the graph, and scatters the new states into fresh
+slots with one indexed assignment per tensor: no per-session Python work in
+the hot loop, and an idle session costs exactly its state's bytes.
+
+Slot 0 holds the initial state (after ``<eos>``), shared read-only by every new
+or reset context. A step writes into a new slot, not over its source: the
+servicer decides afterwards whether the session keeps the result (it may have
+been taken over by another stream meanwhile), then frees the slot it drops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from nextword.bundle import StateTensor
+
+INITIAL = 0
+
+
+class StatePool:
+    def __init__(
+        self, spec: Sequence[StateTensor], initial: Sequence[np.ndarray], capacity: int = 1024
+    ) -> None:
+        self._axes = [s.batch_axis for s in spec]
+        self._arrays = [np.zeros(s.concrete_shape(capacity), dtype=np.dtype(s.dtype)) for s in spec]
+        for array, axis, value in zip(self._arrays, self._axes, initial, strict=True):
+            array[(slice(None),) * axis + (INITIAL,)] = np.take(value, 0, axis=axis)
+        self._free = list(range(capacity - 1, INITIAL, -1))  # pop() hands out low slots first
+        self._buffers: dict[int, list[np.ndarray]] = {}
+        self.slot_bytes = sum(a.nbytes // a.shape[ax] for a, ax in zip(self._arrays, self._axes, strict=True))
+
+    @property
+    def capacity(self) -> int:
+        return self._arrays[0].shape[self._axes[0]]
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - 1 - len(self._free)
+
+    def alloc(self) -> int:
+        if not self._free:
+            self._grow()
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        if slot != INITIAL:
+            self._free.append(slot)
+
+    def gather(self, slots: np.ndarray) -> list[np.ndarray]:
+        """The states of ``slots`` as one batch (valid until the next gather of this size)."""
+        n = len(slots)
+        buffers = self._buffers.get(n)
+        if buffers is None:
+            shapes = [self._shape(a, ax, n) for a, ax in zip(self._arrays, self._axes, strict=True)]
+            buffers = self._buffers[n] = [
+                np.empty(s, dtype=a.dtype) for s, a in zip(shapes, self._arrays, strict=True)
+            ]
+        for array, axis, out in zip(self._arrays, self._axes, buffers, strict=True):
+            np.take(array, slots, axis=axis, out=out)
+        return buffers
+
+    def scatter(self, slots: np.ndarray, rows: np.ndarray, state: Sequence[np.ndarray]) -> None:
+        """Write rows ``rows`` of a batch ``state`` into ``slots``."""
+        for array, axis, value in zip(self._arrays, self._axes, state, strict=True):
+            # Move the batch axis first on views (no copy), then one fancy-indexed assignment.
+            np.moveaxis(array, axis, 0)[slots] = np.moveaxis(value, axis, 0)[rows]
+
+    def read(self, slot: int) -> list[np.ndarray]:
+        """One slot's state as a batch of one (a copy)."""
+        return [np.take(a, [slot], axis=ax) for a, ax in zip(self._arrays, self._axes, strict=True)]
+
+    def _grow(self) -> None:
+        # Doubling keeps slot indices stable and growth amortised O(1) per session.
+        old = self.capacity
+        self._arrays = [
+            np.concatenate([a, np.zeros_like(a)], axis=ax)
+            for a, ax in zip(self._arrays, self._axes, strict=True)
+        ]
+        self._free.extend(range(2 * old - 1, old - 1, -1))
+
+    @staticmethod
+    def _shape(array: np.ndarray, axis: int, n: int) -> tuple[int, ...]:
+        shape = list(array.shape)
+        shape[axis] = n
+        return tuple(shape)
