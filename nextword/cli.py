@@ -72,6 +72,17 @@ def _export(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", type=Path, help="an fp32 bundle")
+    p.add_argument("--out", type=Path, required=True, help="int8 bundle directory to write")
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="calibration text: a file, or a directory (valid.txt calibrates; valid/test.txt are scored)",
+    )
+
+
 def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", type=Path, default=DEMO_MODEL, help="bundle directory (default: the demo model)"
@@ -158,6 +169,11 @@ COMMANDS = {
         "plot how the loss gradient vanishes back through time, per cell or run (needs torch)",
         _diagnose,
         "export.diagnose:main",
+    ),
+    "quantize": (
+        "an int8 bundle from an fp32 one, with calibrated (batch-independent) scales",
+        _quantize,
+        "export.quantize:main",
     ),
     "serve": ("serve a model bundle over gRPC", _serve, "server.app:main"),
     "predict": ("ask a running server for next-word suggestions", _predict, "clients.cli:predict"),
