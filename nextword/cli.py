@@ -97,6 +97,13 @@ def _serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-k", type=int, default=50)
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain streams on SIGTERM")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    p.add_argument("--max-batch", type=int, default=64, help="most session steps in one onnxruntime call")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=0.5,
+        help="how long a lone step waits for others to share its call (0: never waits)",
+    )
     p.add_argument("--log-level", default="info")
 
 

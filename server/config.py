@@ -43,7 +43,7 @@ class ServerConfig:
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_delay_ms >= 0")
+            raise ValueError("need --max-batch >= 1 and --max-delay-ms >= 0")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -60,4 +60,6 @@ class ServerConfig:
             max_k=args.max_k,
             grace=args.grace,
             threads=args.threads,
+            max_batch=args.max_batch,
+            max_delay_ms=args.max_delay_ms,
         )
