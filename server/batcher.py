@@ -74,6 +74,7 @@ class Batcher:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
+        self._last_batch = 0
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -103,9 +104,12 @@ class Batcher:
         while True:
             batch = [await self._queue.get()]
             self._drain(batch)
-            if len(batch) < self._max_batch and self._max_delay > 0:
+            # Wait for company only under load (the last call was shared): a lone stream's
+            # step runs at once instead of paying max_delay for batch-mates that never come.
+            if self._last_batch > 1 and len(batch) < self._max_batch and self._max_delay > 0:
                 await asyncio.sleep(self._max_delay)
                 self._drain(batch)
+            self._last_batch = len(batch)
             groups: dict[int, list[_Request]] = {}
             for request in batch:
                 groups.setdefault(request.key, []).append(request)
