@@ -52,6 +52,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._batcher = batcher
         self._sessions = sessions
         self._metrics = metrics
+        self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
         self._predictor = Predictor(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
 
@@ -75,7 +76,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     )
                 reply = await self._answer(context, session, stream, request)
                 await context.write(reply)
-                self._metrics.request_duration.labels("Session").observe(time.perf_counter() - start)
+                self._session_latency.observe(time.perf_counter() - start)
         finally:
             if session is not None:
                 self._sessions.detach(session, stream)
