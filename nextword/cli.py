@@ -195,7 +195,7 @@ COMMANDS = {
         "clients.loadtest:main",
     ),
     "eval": (
-        "perplexity and top-1/top-3 accuracy of a bundle on a text file",
+        "perplexity, top-1/top-3 accuracy (and --ksr keystroke savings) of a bundle on a text file",
         _eval,
         "clients.evaluate:main",
     ),
@@ -203,7 +203,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nextword", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nextword", description="Streaming next-word prediction with recurrent language models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, declare, _) in COMMANDS.items():
         declare(sub.add_parser(name, help=help_text, description=help_text))
