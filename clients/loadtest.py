@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import inspect
 import ipaddress
 import json
 import math
@@ -573,16 +574,16 @@ async def _run_share(
     streams: int,
     first_stream: int,
     total_streams: int,
-    duration: float | None = None,
-    words: int | None = None,
-    rate: float | None = None,
-    context_words: int = 0,
-    text: str | os.PathLike[str] | Sequence[str] | None = None,
-    k: int = 3,
-    allow_remote: bool = False,
-    progress: Callable[[int], None] | None = None,
-    connect_timeout: float = CONNECT_TIMEOUT_S,
-    reply_timeout: float = REPLY_TIMEOUT_S,
+    duration: float | None,
+    words: int | None,
+    rate: float | None,
+    context_words: int,
+    text: str | os.PathLike[str] | Sequence[str] | None,
+    k: int,
+    allow_remote: bool,
+    progress: Callable[[int], None] | None,
+    connect_timeout: float,
+    reply_timeout: float,
     ready: Callable[[], Any] | None = None,
 ) -> LoadReport:
     """``run_load`` for streams ``first_stream ..`` of a test of ``total_streams`` (several processes).
@@ -619,6 +620,12 @@ async def _run_share(
 
 
 # --------------------------------------------------------------------------- several processes
+
+_RUN_LOAD_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(run_load).parameters.items()
+    if p.default is not inspect.Parameter.empty and name != "progress"
+}
 
 
 def _worker(
@@ -664,20 +671,14 @@ def run_load_processes(
     procs = max(1, min(procs, streams))
     if procs == 1:
         return asyncio.run(run_load(target, streams=streams, progress=progress, **kwargs))
-    check_target(target, allow_remote=kwargs.get("allow_remote", False))
+    kwargs = {**_RUN_LOAD_DEFAULTS, **kwargs}  # run_load's signature is the one source of defaults
+    check_target(target, allow_remote=kwargs["allow_remote"])
     _validate(
-        streams,
-        kwargs.get("duration"),
-        kwargs.get("words"),
-        kwargs.get("rate"),
-        kwargs.get("context_words", 0),
-        kwargs.get("k", 3),
+        streams, kwargs["duration"], kwargs["words"], kwargs["rate"], kwargs["context_words"], kwargs["k"]
     )
     # Read the text once here and ship the words: the children may run elsewhere than the cwd allows.
     text = kwargs.pop("text", None)
     kwargs["text"] = list(text) if isinstance(text, (list, tuple)) else load_words(text)
-    kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
-    kwargs.setdefault("reply_timeout", REPLY_TIMEOUT_S)
     words = kwargs.pop("words", None)
     if kwargs.get("duration") is None and words is None:
         kwargs["duration"] = DEFAULT_DURATION_S
