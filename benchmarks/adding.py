@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
 
-from export.model import ModelConfig, make_recurrent
+from nextword.export.model import ModelConfig, make_recurrent
 
 BASELINE_MSE = 2 / 12  # variance of the sum of two independent U[0, 1]
 CELLS = ("rnn", "irnn", "lstm", "gru", "delay", "cifg")
@@ -75,7 +75,7 @@ class AddingModel(nn.Module):
             num_layers=1,
             dropout=0.0,
             tie_weights=False,
-            extra={"delay": delay} if cell == "delay" else {},
+            delay=delay,
         )
         self.rnn = make_recurrent(cfg)
         self.readout = nn.Linear(hidden, 1)

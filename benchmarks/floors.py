@@ -37,10 +37,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nextword.bundle import load_bundle
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word, split_partial
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.runtime import OnnxLM
 
 LISTENING = "floor listening on"
 DEFAULT_K = 3
@@ -93,14 +93,13 @@ class NaiveServicer(pb_grpc.NextWordServicer):
         self._lm = OnnxLM(self._bundle, device="cpu", threads=threads)
         words = self._bundle.vocab.words
         self._words = words
-        # Its own ranking over the full distribution (the server's Predictor follows the server's
+        # Its own ranking over the full distribution (the server's Ranker follows the server's
         # internals): offerable words only, completions as the contiguous run of words with the prefix.
         self._offerable = np.array([i for i, w in enumerate(words) if is_word(w)], dtype=np.int64)
         by_word = sorted(self._offerable.tolist(), key=lambda i: words[i])
         self._sorted_words = [words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
-        # Every context starts after an <eos>, as nextword's do (training text follows one).
-        self._eos = self._bundle.vocab.eos_id
+        self._start = self._lm.start_state()  # where every context starts, as nextword's do
         # Session id -> everything typed since the last reset; never expired (a benchmark stand-in).
         self._texts: dict[str, str] = {}
         self._k: dict[str, int] = {}
@@ -108,9 +107,12 @@ class NaiveServicer(pb_grpc.NextWordServicer):
     def predict(self, text: str, k: int) -> pb.Prediction:
         """The prediction for a whole context: one step call over ``<eos>`` + all its words."""
         tokens, partial = split_partial(text)
-        ids = np.array([[self._eos, *self._bundle.vocab.encode(tokens)]], dtype=np.int64)
         # On the event loop, blocking it: this is the careless baseline, not a tuned one.
-        log_probs, _ = self._lm.step(ids, self._lm.zero_state(1))
+        if tokens:
+            ids = np.array([self._bundle.vocab.encode(tokens)], dtype=np.int64)
+            log_probs, _ = self._lm.step(ids, self._start)
+        else:
+            log_probs = self._lm.head(self._start)
         row = log_probs[0]
         completions = []
         if partial:

@@ -45,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repo's packages come first
 
-from export.data import read_tokens, resolve_format  # noqa: E402
+from nextword.export.data import read_tokens, resolve_format  # noqa: E402
 from nextword.tokenizer import EOS, UNK, Vocab  # noqa: E402
 
 BUILD_SCRIPT = ROOT / "benchmarks" / "kenlm" / "build.sh"

@@ -51,8 +51,8 @@ import numpy as np
 # Run as a script from anywhere: the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clients.loadtest import LoadTestError, run_load_processes
 from nextword.bundle import load_bundle
+from nextword.clients.loadtest import LoadTestError, run_load_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def _percentiles_ms(times: Sequence[float]) -> dict[str, float]:
 
 def worker_raw(bundle_dir: Path, threads: int, seconds: float, latency_calls: int) -> dict[str, Any]:
     """onnxruntime alone: latency at batch 1 and words/s at each batch size, state fed back."""
-    from server.runtime import OnnxLM
+    from nextword.runtime import OnnxLM
 
     lm = OnnxLM(load_bundle(bundle_dir), device="cpu", threads=threads)
     rng = np.random.default_rng(0)
@@ -167,7 +167,7 @@ def worker_cold(bundle_dir: Path, threads: int, calls: int) -> dict[str, Any]:
     so the first call at batch ``COLD_BATCH`` after it is what its first real
     batch of that size meets.
     """
-    from server.runtime import OnnxLM
+    from nextword.runtime import OnnxLM
 
     lm = OnnxLM(load_bundle(bundle_dir), device="cpu", threads=threads)
     start = time.perf_counter()
@@ -237,9 +237,9 @@ def _rss_bytes() -> int:
 
 
 async def _memory(bundle_dir: Path, threads: int, sessions: int, concurrency: int = 256) -> dict[str, Any]:
+    from nextword.server.app import start_server
+    from nextword.server.config import ServerConfig
     from nextword.v1 import nextword_pb2 as pb
-    from server.app import start_server
-    from server.config import ServerConfig
 
     warmup = 4 * concurrency
     config = ServerConfig(

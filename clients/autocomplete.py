@@ -21,9 +21,10 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Thre
 from prompt_toolkit.document import Document
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
-from clients.cli import rpc_error_message
-from clients.client import NextWordClient, Prediction, SyncSession
 from nextword.tokenizer import normalize
+
+from .client import NextWordClient, Prediction, SyncSession
+from .predict import rpc_error_message
 
 # The raw (un-normalised) partial word at the end of the text, as the tokenizer sees one.
 _LETTER = r"(?:[^\W_]|[\u0300-\u036f])"

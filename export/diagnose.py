@@ -37,10 +37,11 @@ from typing import Any
 
 import torch
 
-from export.data import encode, read_tokens
-from export.model import CELLS, ModelConfig, RNNLanguageModel
-from export.onnx_export import load_run
 from nextword.tokenizer import Vocab
+
+from .data import encode, read_tokens
+from .model import CELLS, ModelConfig, RNNLanguageModel
+from .onnx_export import load_run
 
 
 def gradient_norms(
@@ -94,7 +95,7 @@ def fresh_model(
         hidden_size=hidden,
         num_layers=layers,
         dropout=0.0,
-        extra={"delay": delay} if cell == "delay" else {},
+        delay=delay,
     )
     return RNNLanguageModel(cfg).eval()
 

@@ -25,30 +25,14 @@ bundle's two graphs.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .config import CELLS, ModelConfig
+
 State = tuple[Tensor, ...]
-
-CELLS = ("rnn", "irnn", "delay", "lstm", "gru", "cifg")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int
-    cell: str = "lstm"
-    embedding_dim: int = 256
-    hidden_size: int = 256
-    num_layers: int = 2
-    dropout: float = 0.3
-    tie_weights: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # cell options, e.g. {"delay": 4}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- recurrent stacks ---------------------------------------------------------------
@@ -202,7 +186,7 @@ def make_recurrent(cfg: ModelConfig) -> Recurrent:
         raise ValueError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
     args = (cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, cfg.dropout)
     if cfg.cell in ("cifg", "delay"):
-        delay = int(cfg.extra.get("delay", 4))
+        delay = cfg.delay
         if delay < 1:
             raise ValueError("--delay must be at least 1")
         return ScriptedRecurrent(cfg.cell, *args, delay=delay)

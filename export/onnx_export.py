@@ -25,10 +25,11 @@ import onnx
 import onnxruntime
 import torch
 
-from export.model import HeadGraph, ModelConfig, RNNLanguageModel, StepGraph
 from nextword.bundle import BATCH, Graph, Manifest, StateTensor, load_bundle, write_manifest
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab, is_word
-from server.runtime import OnnxLM
+
+from .model import HeadGraph, ModelConfig, RNNLanguageModel, StepGraph
 
 WEIGHTS = "weights.bin"
 
@@ -179,8 +180,8 @@ def export_bundle(
     command: str = "",
     top_k: int = 64,
 ) -> Manifest:
-    # Imported here: clients.evaluate is the same scorer `nextword eval` uses.
-    from clients.evaluate import evaluate
+    # Imported here: nextword.evaluate is the same scorer `nextword eval` uses.
+    from nextword.evaluate import evaluate
 
     model, config = load_run(run_dir)
     summary = (

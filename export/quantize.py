@@ -35,8 +35,8 @@ from onnxruntime.quantization import (
 )
 
 from nextword.bundle import Bundle, Manifest, load_bundle, write_manifest
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
-from server.runtime import OnnxLM
 
 QUANTIZED_OPS = ["Gemm", "MatMul"]
 
@@ -76,7 +76,7 @@ def calibration_feeds(
 
 
 def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "") -> Manifest:
-    from clients.evaluate import evaluate  # the scorer `nextword eval` uses
+    from nextword.evaluate import evaluate  # the scorer `nextword eval` uses
 
     bundle: Bundle = load_bundle(src)
     lm = OnnxLM(bundle, device="cpu")

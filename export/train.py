@@ -33,10 +33,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from export.data import batchify, encode, read_tokens, resolve_format, windows
-from export.model import ModelConfig, RNNLanguageModel
 from nextword.bundle import sha256
 from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab
+
+from .data import batchify, encode, read_tokens, resolve_format, windows
+from .model import ModelConfig, RNNLanguageModel
 
 
 @dataclass

@@ -24,6 +24,9 @@ from typing import Any
 
 from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab
 
+# The demo bundle ships inside the package (in a checkout, a link to models/demo).
+DEMO_BUNDLE = Path(__file__).resolve().parent / "demo"
+
 FORMAT = "nextword-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,13 +1,9 @@
-"""Server lifecycle: load the bundle, serve gRPC (+ health, reflection, /metrics), drain on SIGTERM."""
+"""Server lifecycle: load the bundle, start gRPC (+ health, reflection, /metrics), stop with a drain."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
-import signal
-import sys
 from dataclasses import dataclass
 
 import grpc
@@ -16,18 +12,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in grpc-stubs
 from grpc_reflection.v1alpha import reflection
 
-from nextword.bundle import Bundle, BundleError, load_bundle
+from nextword.bundle import Bundle, load_bundle
+from nextword.runtime import OnnxLM
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.batcher import Batcher
-from server.config import ANY_FREE_PORT, ServerConfig
-from server.metrics import Metrics, MetricsEndpoint
-from server.runtime import OnnxLM
-from server.service import NextWordServicer
-from server.session import SessionTable
-from server.state import StatePool
 
-log = logging.getLogger("nextword.server")
+from .batcher import Batcher
+from .config import ANY_FREE_PORT, ServerConfig
+from .metrics import Metrics, MetricsEndpoint
+from .service import NextWordServicer
+from .session import SessionTable
+from .state import StatePool
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name
 
@@ -79,25 +74,11 @@ def warm_up(lm: OnnxLM, max_batch: int) -> None:
 
 async def start_server(config: ServerConfig) -> RunningServer:
     """Load the model and start serving; raises BundleError/StartupError with a message to act on."""
-    bundle = load_bundle(config.model)
-    try:
-        lm = OnnxLM(bundle, device=config.device, threads=config.threads)
-    except RuntimeError as exc:  # e.g. --device cuda without CUDA
-        raise StartupError(str(exc)) from exc
-    if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
-        # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
-        raise StartupError(
-            f"--device cuda: onnxruntime could not start CUDA and fell back to {lm.provider} "
-            "(its log above says why); use --device auto or cpu to serve on the CPU"
-        )
-    m = bundle.manifest
+    bundle, lm = _load_model(config)
     metrics = Metrics()
+    m = bundle.manifest
     metrics.model_info.info({"name": m.name, "cell": m.cell, "provider": lm.provider})
-    # Training text follows an <eos>: every context starts from the state after one.
-    _, initial_state = lm.step(np.array([[bundle.vocab.eos_id]], dtype=np.int64), lm.zero_state(1))
-    warm_up(lm, config.max_batch)
-
-    pool = StatePool(m.state, initial_state)
+    pool = StatePool(m.state, lm.start_state())
     sessions = SessionTable(config.max_sessions, config.session_ttl, on_drop=lambda s: pool.free(s.slot))
     metrics.active_sessions.set_function(lambda: len(sessions))
     batcher = Batcher(lm, pool, metrics, max_batch=config.max_batch, max_delay=config.max_delay_ms / 1000)
@@ -110,36 +91,8 @@ async def start_server(config: ServerConfig) -> RunningServer:
         sessions=sessions,
         metrics=metrics,
     )
-
-    server = grpc.aio.server(
-        options=[
-            # Oversized messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before reaching us.
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            # gRPC's default SO_REUSEPORT lets a second server share a busy port and split its traffic.
-            ("grpc.so_reuseport", 0),
-        ]
-    )
-    pb_grpc.add_NextWordServicer_to_server(servicer, server)
-    health_servicer = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    address = f"{config.host}:{config.port}"
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {address} ({exc}); is the port in use? see --port") from exc
-
-    endpoint = None
-    if config.metrics_port:
-        metrics_port = 0 if config.metrics_port == ANY_FREE_PORT else config.metrics_port
-        try:
-            endpoint = MetricsEndpoint(metrics, config.host, metrics_port)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot serve metrics on {config.host}:{metrics_port} ({exc}); see --metrics-port (0: off)"
-            ) from exc
-
+    server, health_servicer, port = await _grpc_server(config, servicer)
+    endpoint = _metrics_endpoint(config, metrics)
     batcher.start()
     sweeper = asyncio.get_running_loop().create_task(sessions.sweep_forever(), name="session-sweeper")
     await server.start()
@@ -159,45 +112,54 @@ async def start_server(config: ServerConfig) -> RunningServer:
     )
 
 
-async def _serve(config: ServerConfig) -> int:
-    running = await start_server(config)
-    m = running.bundle.manifest
-    log.info(
-        "nextword serving %s (%s, %s) on %s:%d, metrics on :%d",
-        m.name,
-        m.cell,
-        running.provider,
-        config.host,
-        running.port,
-        running.metrics_port,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: open streams may finish within %g s (--grace)", config.grace)
-    await running.stop(config.grace)
-    log.info("stopped")
-    return 0
-
-
-def main(args: argparse.Namespace) -> int:
-    """``nextword serve``: exit 0 after a clean shutdown, 2 when the server cannot start."""
+def _load_model(config: ServerConfig) -> tuple[Bundle, OnnxLM]:
+    bundle = load_bundle(config.model)
     try:
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        lm = OnnxLM(bundle, device=config.device, threads=config.threads)
+    except RuntimeError as exc:  # e.g. --device cuda without CUDA
+        raise StartupError(str(exc)) from exc
+    if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
+        # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
+        raise StartupError(
+            f"--device cuda: onnxruntime could not start CUDA and fell back to {lm.provider} "
+            "(its log above says why); use --device auto or cpu to serve on the CPU"
         )
-        config = ServerConfig.from_args(args)
-    except ValueError as exc:  # an unknown --log-level or an out-of-range flag
-        return _startup_failed(exc)
+    warm_up(lm, config.max_batch)
+    return bundle, lm
+
+
+async def _grpc_server(
+    config: ServerConfig, servicer: NextWordServicer
+) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
+    """The gRPC server with the NextWord, health and reflection services, bound but not started."""
+    server = grpc.aio.server(
+        options=[
+            # Oversized messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before reaching us.
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # gRPC's default SO_REUSEPORT lets a second server share a busy port and split its traffic.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_NextWordServicer_to_server(servicer, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
     try:
-        return asyncio.run(_serve(config))
-    except (BundleError, StartupError) as exc:
-        return _startup_failed(exc)
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address} ({exc}); is the port in use? see --port") from exc
+    return server, health_servicer, port
 
 
-def _startup_failed(exc: Exception) -> int:
-    # The message says what to fix; a traceback would only bury it.
-    print(f"nextword serve: error: {exc}", file=sys.stderr)
-    return 2
+def _metrics_endpoint(config: ServerConfig, metrics: Metrics) -> MetricsEndpoint | None:
+    if not config.metrics_port:
+        return None
+    port = 0 if config.metrics_port == ANY_FREE_PORT else config.metrics_port
+    try:
+        return MetricsEndpoint(metrics, config.host, port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot serve metrics on {config.host}:{port} ({exc}); see --metrics-port (0: off)"
+        ) from exc

@@ -27,22 +27,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from server.metrics import Metrics
-from server.runtime import OnnxLM, Ranked
-from server.state import StatePool
+from nextword.ranking import Scores
+from nextword.runtime import OnnxLM, Ranked
+
+from .metrics import Metrics
+from .state import StatePool
 
 T = TypeVar("T")
 HEAD = -1  # group key of head calls; step calls are keyed by their sequence length
 DISCARD = -1  # destination slot of a step whose new state nobody keeps
-
-
-@dataclass
-class Answer:
-    """One request's share of a graph call."""
-
-    top_values: np.ndarray | None  # [K] log-probs of the top offerable words, best first
-    top_ids: np.ndarray | None  # [K]
-    log_probs: np.ndarray | None  # [vocab], only when asked for (completions, k above K)
 
 
 @dataclass(eq=False)
@@ -52,7 +45,7 @@ class _Request:
     src: int
     dst: int
     full: bool
-    future: asyncio.Future[Answer] = field(repr=False)
+    future: asyncio.Future[Scores] = field(repr=False)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -87,18 +80,18 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def step(self, tokens: Sequence[int], src: int, dst: int, *, full: bool) -> Answer:
+    async def step(self, tokens: Sequence[int], src: int, dst: int, *, full: bool) -> Scores:
         """Feed ``tokens`` from the state in slot ``src``, the new state into slot ``dst``."""
         if not tokens:
             raise ValueError("step needs at least one token")
         return await self._submit(len(tokens), tokens, src, dst, full)
 
-    async def head(self, src: int, *, full: bool) -> Answer:
+    async def head(self, src: int, *, full: bool) -> Scores:
         """The next-word distribution read from the state in slot ``src``."""
         return await self._submit(HEAD, (), src, DISCARD, full)
 
-    async def _submit(self, key: int, tokens: Sequence[int], src: int, dst: int, full: bool) -> Answer:
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+    async def _submit(self, key: int, tokens: Sequence[int], src: int, dst: int, full: bool) -> Scores:
+        future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Request(key, tokens, src, dst, full, future))
         return await future
 
@@ -142,7 +135,7 @@ class Batcher:
             if not r.future.done():
                 r.future.set_result(answer)
 
-    async def _compute(self, key: int, group: list[_Request]) -> list[Answer]:
+    async def _compute(self, key: int, group: list[_Request]) -> list[Scores]:
         """One graph call for the group: gather its states, run, scatter the new states."""
         n = len(group)
         state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
@@ -159,8 +152,8 @@ class Batcher:
         return [self._answer(ranked, b, r.full) for b, r in enumerate(group)]
 
     @staticmethod
-    def _answer(ranked: Ranked, b: int, full: bool) -> Answer:
-        return Answer(
+    def _answer(ranked: Ranked, b: int, full: bool) -> Scores:
+        return Scores(
             None if ranked.top_values is None else ranked.top_values[b],
             None if ranked.top_ids is None else ranked.top_ids[b],
             ranked.log_probs[b] if full and ranked.log_probs is not None else None,

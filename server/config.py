@@ -1,31 +1,39 @@
-"""Server settings: one frozen object built from ``nextword serve``'s arguments."""
+"""Server settings: one frozen object, whose fields are ``nextword serve``'s options."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from nextword.bundle import DEMO_BUNDLE
+from nextword.options import option
+
 ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns metrics off
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: Path
-    host: str = "127.0.0.1"
-    port: int = 50051  # 0: let the OS pick a free port (the log line says which)
-    metrics_port: int = 0  # 0: no /metrics endpoint; ANY_FREE_PORT: a free port
-    device: str = "auto"
-    max_sessions: int = 100_000
-    session_ttl: float = 600.0  # seconds a session with no stream attached is kept
-    max_text_chars: int = 4096
-    max_k: int = 50
-    default_k: int = 3
-    grace: float = 10.0  # seconds open streams may run on after SIGTERM
-    threads: int = 0  # onnxruntime intra-op threads; 0: its default
-    max_batch: int = 64
-    max_delay_ms: float = 0.5  # how long a lone model call waits for others to batch with
-    max_message_bytes: int = 64 * 1024
+    model: Path = option(DEMO_BUNDLE, "bundle directory to serve (the demo model ships with nextword)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(50051, "gRPC port (0: a free port, named in the log)")
+    metrics_port: int = option(9100, "Prometheus /metrics port (0: off, -1: a free port)")
+    device: str = option(
+        "auto", "where the model runs (auto: CUDA when a GPU is there)", choices=("auto", "cpu", "cuda")
+    )
+    max_sessions: int = option(100_000, "sessions held at once; the least recently used idle one makes room")
+    session_ttl: float = option(600.0, "seconds a session with no stream attached is kept for a resume")
+    max_text_chars: int = option(4096, "longest text accepted in one request, and longest unfinished word")
+    max_k: int = option(50, "most suggestions one request may ask for")
+    default_k: int = option(3, "suggestions given when a request does not say", cli=False)
+    grace: float = option(10.0, "seconds open streams may finish after SIGTERM")
+    threads: int = option(0, "onnxruntime intra-op threads (0: its default)")
+    max_batch: int = option(64, "most session steps run in one onnxruntime call")
+    max_delay_ms: float = option(
+        0.5, "how long a step waits under load for others to share its call (0: never)"
+    )
+    max_message_bytes: int = option(64 * 1024, "", cli=False)
+    log_level: str = option("info", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
         # Fail at startup with the flag to fix, not at the first request.
@@ -44,22 +52,3 @@ class ServerConfig:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0:
             raise ValueError("need --max-batch >= 1 and --max-delay-ms >= 0")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        """From the namespace ``nextword serve`` parses (see nextword/cli.py)."""
-        return cls(
-            model=Path(args.model),
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            device=args.device,
-            max_sessions=args.max_sessions,
-            session_ttl=args.session_ttl,
-            max_text_chars=args.max_text_chars,
-            max_k=args.max_k,
-            grace=args.grace,
-            threads=args.threads,
-            max_batch=args.max_batch,
-            max_delay_ms=args.max_delay_ms,
-        )

@@ -11,16 +11,16 @@ from typing import NoReturn
 import grpc
 
 from nextword.bundle import MANIFEST, Bundle
+from nextword.ranking import Ranker
 from nextword.tokenizer import split_partial
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.batcher import DISCARD, Batcher
-from server.config import ServerConfig
-from server.metrics import Metrics
-from server.predictor import Predictor
-from server.session import Session as SessionRecord  # the RPC method below is named Session
-from server.session import SessionTable, SessionTableFull, Stream
-from server.state import INITIAL, StatePool
+
+from .batcher import DISCARD, Batcher
+from .config import ServerConfig
+from .metrics import Metrics
+from .session import SessionRecord, SessionTable, SessionTableFull, Stream
+from .state import INITIAL, StatePool
 
 
 @dataclass
@@ -53,7 +53,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._sessions = sessions
         self._metrics = metrics
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
-        self._predictor = Predictor(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
+        self._ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
 
     async def Session(
@@ -191,7 +191,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
         """
         tokens, partial = split_partial(pending + text)
-        full = bool(partial) or k > self._predictor.graph_k  # completions rank the whole vocabulary
+        full = bool(partial) or k > self._ranker.graph_k  # completions rank the whole vocabulary
         slot = src
         if tokens:
             slot = self._pool.alloc() if keep else DISCARD
@@ -204,7 +204,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         else:
             answer = await self._batcher.head(src, full=full)
         context_tokens += len(tokens)
-        prediction = self._predictor.predict(answer, partial, k, context_tokens)
+        prediction = self._ranker.predict(answer, partial, k, context_tokens)
         return _Advance(prediction, slot, partial, context_tokens)
 
     # ---- errors --------------------------------------------------------------

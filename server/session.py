@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.state import INITIAL
+from .state import INITIAL
 
 
 class SessionTableFull(Exception):
@@ -30,7 +30,7 @@ class Stream:
 
 
 @dataclass(eq=False, slots=True)
-class Session:
+class SessionRecord:
     id: str
     k: int
     slot: int = INITIAL  # where its recurrent state is in the server's StatePool
@@ -50,18 +50,18 @@ class SessionTable:
         max_sessions: int,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
-        on_drop: Callable[[Session], None] = lambda session: None,
+        on_drop: Callable[[SessionRecord], None] = lambda session: None,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl = ttl
         self._clock = clock
         self._on_drop = on_drop  # frees what a session holds outside the table (its state slot)
-        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._sessions: OrderedDict[str, SessionRecord] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, k: int) -> Session:
+    def create(self, k: int) -> SessionRecord:
         """A new session; makes room by evicting the least recently used idle one."""
         if len(self._sessions) >= self.max_sessions:
             self.expire()
@@ -73,11 +73,11 @@ class SessionTable:
                     "close idle streams or raise --max-sessions"
                 )
             self._drop(victim)
-        session = Session(secrets.token_hex(16), k, last_used=self._clock())
+        session = SessionRecord(secrets.token_hex(16), k, last_used=self._clock())
         self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str) -> Session | None:
+    def get(self, session_id: str) -> SessionRecord | None:
         """The session, or None if unknown, evicted or expired (expired ones are dropped now)."""
         session = self._sessions.get(session_id)
         if session is None:
@@ -88,11 +88,11 @@ class SessionTable:
         self.touch(session)
         return session
 
-    def touch(self, session: Session) -> None:
+    def touch(self, session: SessionRecord) -> None:
         session.last_used = self._clock()
         self._sessions.move_to_end(session.id)
 
-    def attach(self, session: Session, stream: Stream) -> None:
+    def attach(self, session: SessionRecord, stream: Stream) -> None:
         """Attach ``stream``; a stream still attached is told it lost the session."""
         old = session.stream
         if old is not None and old is not stream and not old.superseded.done():
@@ -100,7 +100,7 @@ class SessionTable:
         session.stream = stream
         self.touch(session)
 
-    def detach(self, session: Session, stream: Stream) -> None:
+    def detach(self, session: SessionRecord, stream: Stream) -> None:
         """The stream ended; the session's idle time starts now (unless another stream took it)."""
         if session.stream is stream:
             session.stream = None
@@ -128,9 +128,9 @@ class SessionTable:
             await asyncio.sleep(interval)
             self.expire()
 
-    def _drop(self, session: Session) -> None:
+    def _drop(self, session: SessionRecord) -> None:
         del self._sessions[session.id]
         self._on_drop(session)
 
-    def _expired(self, session: Session, now: float) -> bool:
+    def _expired(self, session: SessionRecord, now: float) -> bool:
         return now - session.last_used >= self.ttl

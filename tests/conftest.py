@@ -66,8 +66,8 @@ def train_tiny(
     """Train a small model for a few seconds and return its run directory."""
     import torch
 
-    from export.model import ModelConfig
-    from export.train import TrainConfig, run
+    from nextword.export.model import ModelConfig
+    from nextword.export.train import TrainConfig, run
 
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
 
@@ -102,7 +102,7 @@ def tiny_run(tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real two-layer LSTM bundle (two state tensors, h and c) of the tiny corpus."""
-    from export.onnx_export import export_bundle
+    from nextword.export.onnx_export import export_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     export_bundle(tiny_run, out, name="tiny", command="pytest tiny bundle")

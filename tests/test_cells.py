@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clients.client import NextWordClient
-from export.model import CELLS
 from nextword.cli import main as nextword
+from nextword.clients.client import NextWordClient
+from nextword.export.model import CELLS
 from tests.conftest import serve_process
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,15 @@ import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 
-from clients.autocomplete import NextWordCompleter
-from clients.client import AsyncNextWordClient, NextWordClient, NextWordError, Prediction, SyncSession
 from nextword.cli import main as cli_main
+from nextword.clients.autocomplete import NextWordCompleter
+from nextword.clients.client import (
+    AsyncNextWordClient,
+    NextWordClient,
+    NextWordError,
+    Prediction,
+    SyncSession,
+)
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -35,8 +41,8 @@ def target(tiny_bundle: Path) -> Iterator[str]:
     Its own loop, because the blocking clients below would otherwise stall the
     loop that has to answer them.
     """
-    from server.app import start_server
-    from server.config import ServerConfig
+    from nextword.server.app import start_server
+    from nextword.server.config import ServerConfig
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="nextword-test-server", daemon=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from benchmarks import adding
-from export.diagnose import fresh_model, gradient_norms, sample_tokens
 from nextword.cli import main as nextword
+from nextword.export.diagnose import fresh_model, gradient_norms, sample_tokens
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,9 +11,9 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import ParityError, export_bundle, load_run
 from nextword.bundle import BundleError, load_bundle
-from server.runtime import OnnxLM
+from nextword.export.onnx_export import ParityError, export_bundle, load_run
+from nextword.runtime import OnnxLM
 from tests.conftest import train_tiny
 
 
@@ -36,7 +36,7 @@ def test_training_is_seeded_and_resumable(tiny_corpus: Path, tmp_path: Path) -> 
     wa, wb = torch.load(a / "best.pt"), torch.load(b / "best.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
-    from export.train import TrainConfig, run
+    from nextword.export.train import TrainConfig, run
 
     saved = json.loads((a / "config.json").read_text())["train"]
     run(TrainConfig(**{**saved, "epochs": 2}), None, a, resume=True)

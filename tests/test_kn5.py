@@ -21,7 +21,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from export.data import read_tokens
+from nextword.export.data import read_tokens
 from nextword.tokenizer import Vocab
 from tests.conftest import write_corpus
 

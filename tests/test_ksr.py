@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from clients.ksr import keystroke_savings, typed_words
 from nextword.bundle import load_bundle
+from nextword.ksr import keystroke_savings, typed_words
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import split_partial
-from server.runtime import OnnxLM
 
 
 @pytest.fixture(scope="module")

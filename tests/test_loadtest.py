@@ -17,9 +17,9 @@ import grpc.aio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from clients import loadtest
-from clients.loadtest import LoadReport, is_loopback_target, run_load
 from nextword.cli import build_parser
+from nextword.clients import loadtest
+from nextword.clients.loadtest import LoadReport, is_loopback_target, run_load
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import serve_process

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from export.quantize import quantize_bundle
 from nextword.bundle import load_bundle
+from nextword.export.quantize import quantize_bundle
 from tests.test_server import assert_same, serving, type_words
 
 

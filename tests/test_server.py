@@ -26,15 +26,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.bundle import load_bundle
+from nextword.runtime import OnnxLM
+from nextword.server.app import RunningServer, start_server
+from nextword.server.batcher import Batcher
+from nextword.server.config import ANY_FREE_PORT, ServerConfig
+from nextword.server.metrics import Metrics
+from nextword.server.state import INITIAL, StatePool
 from nextword.tokenizer import is_word
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.app import RunningServer, start_server
-from server.batcher import Batcher
-from server.config import ANY_FREE_PORT, ServerConfig
-from server.metrics import Metrics
-from server.runtime import OnnxLM
-from server.state import INITIAL, StatePool
 
 # One event loop for the module's servers, channels and tests: grpc.aio objects belong to one loop.
 pytestmark = pytest.mark.asyncio(loop_scope="session")

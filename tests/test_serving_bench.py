@@ -16,10 +16,10 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from nextword.server.app import start_server
+from nextword.server.config import ServerConfig
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
-from server.app import start_server
-from server.config import ServerConfig
 
 # One event loop for the module's servers and channels: grpc.aio objects belong to one loop.
 on_session_loop = pytest.mark.asyncio(loop_scope="session")

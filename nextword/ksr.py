@@ -24,7 +24,7 @@ the text fed as it is typed, keystroke by keystroke through ``split_partial``
 (punctuation included, no ``<eos>`` at blank lines: a session never gets one),
 one ``step`` per word for the tokens completed since the previous word began.
 The distribution at a word's start serves all its prefixes, as the server's
-``head`` would give the same one; ranking is ``server.predictor.Predictor``'s.
+``head`` would give the same one; ranking is ``nextword.ranking.Ranker``'s.
 
 Remaining differences from ``presage_simulator``:
 
@@ -46,10 +46,9 @@ from typing import Any
 
 import numpy as np
 
+from nextword.ranking import Ranker, Scores
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word, split_partial
-from server.batcher import Answer
-from server.predictor import Predictor
-from server.runtime import OnnxLM
 
 
 def typed_words(text: str) -> Iterator[tuple[list[str], str]]:
@@ -91,15 +90,15 @@ def keystroke_savings(
         raise ValueError(f"slots must be at least 1, not {slots}")
     text = text if max_chars is None else text[:max_chars]
     vocab = lm.bundle.vocab
-    predictor = Predictor(vocab)
+    ranker = Ranker(vocab)
     offerable = {w for w in vocab.words if is_word(w)}
-    # Every session starts from the state after <eos> (server/app.py).
-    log_probs, state = lm.step(np.array([[vocab.eos_id]], dtype=np.int64), lm.zero_state(1))
+    state = lm.start_state()  # where every session starts
+    log_probs = lm.head(state)
     keys = without = selections = words = 0
     for before, word in typed_words(text):
         if before:
             log_probs, state = lm.step(np.array([vocab.encode(before)], dtype=np.int64), state)
-        typed = _typed_before_offered(predictor, log_probs[0], word, slots) if word in offerable else None
+        typed = _typed_before_offered(ranker, log_probs[0], word, slots) if word in offerable else None
         if typed is None:  # typed in full, then the space
             keys += len(word) + 1
         else:  # typed a prefix, took the suggestion; the space comes with it
@@ -120,15 +119,15 @@ def keystroke_savings(
     }
 
 
-def _typed_before_offered(predictor: Predictor, log_probs: np.ndarray, word: str, slots: int) -> int | None:
+def _typed_before_offered(ranker: Ranker, log_probs: np.ndarray, word: str, slots: int) -> int | None:
     """How many characters of ``word`` are typed before the strip offers it (None: never).
 
     Offered with the whole word typed saves nothing (taking it or typing the
     space is one key either way), so only shorter prefixes are looked at.
     """
-    answer = Answer(None, None, log_probs)  # the whole distribution, as the server has when completing
+    answer = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
     for typed in range(len(word)):
-        prediction = predictor.predict(answer, word[:typed], slots, 0)
+        prediction = ranker.predict(answer, word[:typed], slots, 0)
         strip = prediction.completions if typed else prediction.suggestions
         if any(s.word == word for s in strip):
             return typed

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 
 import numpy as np
 
 from nextword.tokenizer import Vocab, is_word
 from nextword.v1 import nextword_pb2 as pb
-from server.batcher import Answer
 
 _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
 
 
-class Predictor:
+@dataclass(frozen=True)
+class Scores:
+    """One context's next-word scores, as much of them as a graph call fetched."""
+
+    top_values: np.ndarray | None  # [K] log-probs of the top offerable words, best first
+    top_ids: np.ndarray | None  # [K]
+    log_probs: np.ndarray | None  # [vocab]: the whole distribution, only when asked for
+
+
+class Ranker:
     """Top-k suggestions and prefix completions over the words a user may be offered.
 
     Punctuation and specials (``<unk>``, ``<eos>``, ``<num>``) are never offered.
@@ -29,7 +38,7 @@ class Predictor:
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
 
-    def predict(self, answer: Answer, partial: str, k: int, context_tokens: int) -> pb.Prediction:
+    def predict(self, answer: Scores, partial: str, k: int, context_tokens: int) -> pb.Prediction:
         """Suggestions from the graph's own top-k when it has enough; completions need the full row."""
         if answer.top_values is not None and answer.top_ids is not None and k <= len(answer.top_values):
             values, ids = answer.top_values[:k], answer.top_ids[:k]

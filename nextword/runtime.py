@@ -1,8 +1,9 @@
 """onnxruntime over a model bundle: the only place the graphs are run.
 
-Used by the server (one call per batch of session steps) and by ``nextword
-eval``. State tensors travel as a list ordered like the manifest's state spec
-and are bound to graph inputs/outputs by their manifest names, never by
+Used by the server (one call per batch of session steps), by ``nextword eval``
+and keystroke savings, and by the exporter's parity check and int8
+calibration. State tensors travel as a list ordered like the manifest's state
+spec and are bound to graph inputs/outputs by their manifest names, never by
 position.
 """
 
@@ -108,6 +109,15 @@ class OnnxLM:
 
     def zero_state(self, batch: int) -> State:
         return [np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.state_spec]
+
+    def start_state(self) -> State:
+        """The state every context starts from (batch of one): after one ``<eos>`` from zeros.
+
+        Training text follows an ``<eos>``, so a new or reset session, a one-shot
+        prediction and an offline keystroke simulation all begin here.
+        """
+        eos = np.array([[self.bundle.vocab.eos_id]], dtype=np.int64)
+        return self.step(eos, self.zero_state(1))[1]
 
     def _step_feeds(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {self._tokens: np.ascontiguousarray(tokens, dtype=np.int64)}

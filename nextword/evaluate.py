@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from clients.ksr import keystroke_savings
 from nextword.bundle import BundleError, load_bundle
+from nextword.ksr import keystroke_savings
+from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
-from server.runtime import OnnxLM
 
 
 def evaluate(

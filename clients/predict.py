@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from clients.client import NextWordClient, Prediction
+from .client import NextWordClient, Prediction
 
 
 def rpc_error_message(exc: grpc.RpcError, target: str) -> str:

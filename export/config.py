@@ -1,0 +1,105 @@
+"""Settings of the export side's commands: train, export, quantize, diagnose.
+
+Plain dataclasses with no torch import, so ``nextword train --help`` works (and
+says which extra to install) on a machine that only serves. Each field's
+default and help text is the command-line option's (``nextword.options``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from nextword.options import option, positional, required, switch
+
+CELLS = ("rnn", "irnn", "delay", "lstm", "gru", "cifg")
+FORMATS = ("auto", "raw", "lines")
+_FORMAT_HELP = "raw: wrapped text, a blank line ends a paragraph; lines: one tokenized sentence a line"
+
+
+@dataclass
+class ModelConfig:
+    """The network: sizes and cell. Saved with every run and bundle."""
+
+    vocab_size: int = option(0, "", cli=False)  # set from the vocabulary built
+    cell: str = option("lstm", "recurrent cell (see export/model.py)", choices=CELLS)
+    embedding_dim: int = option(256, "word embedding size")
+    hidden_size: int = option(256, "recurrent state size per layer")
+    num_layers: int = option(2, "recurrent layers", flag="--layers")
+    dropout: float = option(0.3, "dropout between layers and before the softmax")
+    tie_weights: bool = switch("separate input and output embeddings (the default ties them)", off="--no-tie")
+    delay: int = option(4, "delay cell: h_t also reads h_(t-d), this d")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains (``nextword train``); saved in the run directory as config.json."""
+
+    out: Path = required("run directory to write (checkpoints, vocabulary, metrics)")
+    data: Path | None = option(None, "directory with train.txt and valid.txt (test.txt optional)")
+    resume: bool = switch("continue the run in --out from its last checkpoint")
+    format: str = option("auto", _FORMAT_HELP, choices=FORMATS)
+    vocab_size: int = option(10000, "most frequent training words kept; the rest are <unk>")
+    min_count: int = option(2, "words seen fewer times than this are <unk>")
+    epochs: int = option(10, "passes over the training text")
+    batch_size: int = option(32, "parallel streams of text per step (over all processes)")
+    bptt: int = option(35, "truncated backpropagation through time: tokens per window")
+    lr: float = option(2e-3, "Adam learning rate (halved whenever validation stops improving)")
+    clip: float = option(1.0, "gradient-norm clipping threshold; 0 disables")
+    seed: int = option(1234, "random seed (weights, dropout, order)")
+    device: str = option("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    max_minutes: float = option(0.0, "stop training after this many minutes (0: no limit); best kept")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    eval_batch_size: int = option(16, "", cli=False)
+    command: str = option("", "", cli=False)  # the command line that made the run
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``nextword export``: a training run to a model bundle."""
+
+    run_dir: Path = positional("a training run directory (what `nextword train --out` wrote)")
+    out: Path = required("bundle directory to write")
+    name: str | None = option(None, "model name (default: the bundle directory's name)")
+    opset: int = option(17, "ONNX opset of the graphs")
+    top_k: int = option(64, "rank this many words inside the graphs (0: the server ranks)")
+    tolerance: float = option(1e-4, "largest |torch - onnxruntime| difference accepted")
+    eval_data: Path | None = option(
+        None, "directory whose valid.txt/test.txt are scored into the manifest (default: the training data)"
+    )
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``nextword quantize``: an int8 bundle from an fp32 one."""
+
+    bundle: Path = positional("an fp32 bundle")
+    out: Path = required("int8 bundle directory to write")
+    data: Path = required(
+        "calibration text: a file, or a directory (valid.txt calibrates; valid/test.txt are scored)"
+    )
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """``nextword diagnose``: gradient norm back through time, per cell or trained run."""
+
+    run_dirs: list[Path] = positional("training run directories", metavar="RUN_DIR", nargs="*")
+    cells: str = option("", "also freshly initialised models of these cells, comma-separated, e.g. rnn,lstm")
+    out: Path = option(Path("grad.png"), "PNG to write")
+    json: bool = switch("print one JSON object with the norms")
+    horizon: int = option(100, "largest k (steps back)")
+    sequences: int = option(8, "sequences averaged over")
+    warmup: int = option(50, "steps run before T-K, without gradient")
+    data: Path | None = option(None, "text file: real token windows instead of random ids")
+    format: str = option("auto", _FORMAT_HELP, choices=FORMATS)
+    hidden_size: int = option(256, "fresh models: state size")
+    layers: int = option(1, "fresh models: layers")
+    vocab_size: int = option(10000, "fresh models: vocabulary size")
+    delay: int = option(4, "fresh delay cell: h_t also reads h_(t-d), this d")
+    seed: int = option(0, "random seed")
+    threads: int = option(1, "torch CPU threads")
