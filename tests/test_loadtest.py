@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -18,8 +19,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.cli import build_parser
-from nextword.clients import loadtest
-from nextword.clients.loadtest import LoadReport, is_loopback_target, run_load
+from nextword.clients.loadtest import (
+    LoadReport,
+    LoadSpec,
+    LoadTestError,
+    is_loopback_target,
+    load_words,
+    run_load,
+    run_load_processes,
+)
+from nextword.clients.loadtest.cli import LoadTestOptions
+from nextword.clients.loadtest.cli import main as loadtest_main
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import serve_process
@@ -44,8 +54,8 @@ def server(tiny_bundle: Path) -> Iterator[tuple[str, int]]:
 
 def _loadtest(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, Any], str]:
     """Run ``nextword loadtest ARGV --json`` in this process: exit code, the JSON object, stderr."""
-    args = build_parser().parse_args(["loadtest", *argv, "--json"])
-    code = loadtest.main(args)
+    args = build_parser("loadtest").parse_args(["loadtest", *argv, "--json"])
+    code = loadtest_main(args)
     out, err = capsys.readouterr()
     return code, (json.loads(out) if out.strip() else {}), err
 
@@ -162,6 +172,59 @@ def test_a_remote_target_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "not a loopback address" in err and "--allow-remote" in err
 
 
+def test_duration_and_words_together_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, report, err = _loadtest(capsys, "--duration", "1", "--words", "10")
+    assert code == 2 and report == {}
+    assert err.count("\n") == 1 and "--duration and --words" in err
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser("loadtest").parse_args(["loadtest", "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for f in dataclasses.fields(LoadTestOptions):
+        assert f.metadata["help"], f.name
+        assert "--" + f.name.replace("_", "-") in out, f.name
+        assert f.metadata["help"].replace("%(default)s", str(f.default)) in out, f.name
+    for shown in ("(default: 8)", "(default: 0)", "(default: 1)", "(default: 3)"):  # --streams, ...
+        assert shown in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"streams": 0}, "streams must be at least 1"),
+        ({"duration": 0}, "duration must be positive"),
+        ({"words": 0}, "words must be at least 1"),
+        ({"rate": -1.0}, "rate must be positive"),
+        ({"context_words": -1}, "context words and k must not be negative"),
+        ({"k": -1}, "context words and k must not be negative"),
+        ({"text": ()}, "the load test text has no words"),
+        ({"target": "192.0.2.1:50051"}, "not a loopback address"),
+    ],
+)
+def test_a_spec_is_checked_when_made(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(LoadTestError, match=message):
+        LoadSpec(**{"target": "127.0.0.1:50051", "streams": 4, **kwargs})
+
+
+def test_a_spec_takes_words_not_a_string() -> None:
+    spec = LoadSpec("192.0.2.1:50051", streams=1, allow_remote=True, text=load_words("a b c"))
+    assert spec.text == ("a", "b", "c") and spec.time_limit == 10.0
+    assert LoadSpec("127.0.0.1:1", streams=1, words=5).time_limit is None
+    with pytest.raises(TypeError):
+        LoadSpec("127.0.0.1:1", streams=1, text="a b c")  # type: ignore[arg-type]
+
+
+def test_no_more_processes_than_words(server: tuple[str, int]) -> None:
+    # Four processes for three words would leave one with none: three run, one word each.
+    spec = LoadSpec(server[0], streams=4, words=3, text=load_words("the cat sat on the mat ."))
+    report = run_load_processes(spec, procs=4)
+    assert report.procs == 3 and report.streams == 4 and report.errors == {}
+    assert report.words >= 3
+
+
 def test_an_unreachable_server_is_one_line_and_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     code, report, err = _loadtest(capsys, "--target", f"127.0.0.1:{_free_port()}", "--duration", "1")
     assert code == 1 and report == {}
@@ -194,7 +257,8 @@ async def test_run_load_counts_failed_streams_and_keeps_going() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        report = await run_load(f"127.0.0.1:{port}", streams=4, duration=0.5, text="one two three four")
+        spec = LoadSpec(f"127.0.0.1:{port}", streams=4, duration=0.5, text=load_words("one two three four"))
+        report = await run_load(spec)
     finally:
         await server.stop(0)
     assert isinstance(report, LoadReport)

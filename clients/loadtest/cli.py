@@ -1,0 +1,110 @@
+"""``nextword loadtest``: its options, and ``main``, which runs them and prints the report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nextword.options import from_args, option, switch
+
+from ..client import DEFAULT_TARGET
+from .errors import LoadTestError
+from .processes import run_load_processes
+from .report import LoadReport, format_table
+from .spec import LoadSpec
+from .text import load_words
+
+
+@dataclass(frozen=True)
+class LoadTestOptions:
+    """The options of ``nextword loadtest``."""
+
+    target: str = option(DEFAULT_TARGET, "server HOST:PORT; loopback only")
+    streams: int = option(8, "concurrent sessions (one stream each)")
+    duration: float | None = option(None, "seconds to run (default 10; not with --words)")
+    words: int | None = option(None, "stop after this many words in all (not with --duration)")
+    rate: float | None = option(None, "words/s per stream, open loop (default: closed loop)")
+    context_words: int = option(0, "words sent in one request before measuring")
+    text: Path | None = option(None, "text to type (default: the Gutenberg test split, if present)")
+    k: int = option(3, "suggestions asked for")
+    procs: int = option(1, "client processes the streams are spread over")
+    json: bool = switch("print one JSON object")
+    allow_remote: bool = switch("allow a target that is not loopback")
+
+    def spec(self) -> LoadSpec:
+        """The load test these options ask for, with the default text (``--text`` is read later)."""
+        if self.duration is not None and self.words is not None:
+            raise LoadTestError("--duration and --words cannot be used together")
+        return LoadSpec(
+            target=self.target,
+            streams=self.streams,
+            duration=self.duration,
+            words=self.words,
+            rate=self.rate,
+            context_words=self.context_words,
+            k=self.k,
+            allow_remote=self.allow_remote,
+        )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``nextword loadtest``: 0 after a run, 1 when nothing could be measured, 2 for a refused target.
+
+    Also 2 for options that cannot run, and 130 when interrupted.
+    """
+    opts = from_args(LoadTestOptions, args)
+    spec = _checked_spec(opts)
+    if spec is None:
+        return 2
+
+    from tqdm import tqdm  # only the command shows progress; the library API takes a callback
+
+    bar = tqdm(
+        total=spec.words,
+        unit="word",
+        desc="loadtest",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    try:
+        if opts.text is not None:
+            spec = dataclasses.replace(spec, text=load_words(opts.text))
+        report = run_load_processes(spec, opts.procs, bar.update)
+    except LoadTestError as exc:
+        bar.close()
+        print(f"nextword loadtest: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("nextword loadtest: interrupted", file=sys.stderr)
+        return 130
+    bar.close()
+    return _print_report(report, as_json=opts.json)
+
+
+def _checked_spec(opts: LoadTestOptions) -> LoadSpec | None:
+    """The spec ``opts`` ask for; None, after a one-line error, for options that cannot run."""
+    try:
+        spec = opts.spec()
+        if opts.procs < 1:
+            raise LoadTestError("procs must be at least 1")
+        if opts.text is not None and not opts.text.is_file():
+            raise LoadTestError(f"no text file {opts.text}")
+    except LoadTestError as exc:
+        print(f"nextword loadtest: error: {exc}", file=sys.stderr)
+        return None
+    return spec
+
+
+def _print_report(report: LoadReport, *, as_json: bool) -> int:
+    """Print ``report`` on stdout; the exit code: 1 when errors kept every word from an answer."""
+    print(json.dumps(report.to_json_dict()) if as_json else format_table(report))
+    if report.words == 0 and report.errors:
+        print("nextword loadtest: error: no word was answered", file=sys.stderr)
+        return 1
+    return 0
