@@ -1,4 +1,4 @@
-"""Reference servers for the serving benchmark (``benchmarks/serving.py``).
+"""Reference servers for the serving benchmark (``python -m benchmarks.serving``).
 
 Both implement ``nextword.v1.NextWord.Session`` (one reply per request), so the
 same load generator drives them and nextword alike:
@@ -32,9 +32,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-# Run as a script from anywhere in the checkout: the repository root holds the packages.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nextword.bundle import load_bundle
 from nextword.runtime import OnnxLM

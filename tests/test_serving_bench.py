@@ -1,21 +1,22 @@
-"""The serving benchmark (``benchmarks/serving.py``) and its reference servers (``benchmarks/floors.py``)."""
+"""The serving benchmark (``benchmarks/serving/``) and its reference servers (``benchmarks/floors.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
 
+from benchmarks import floors
+from benchmarks.serving.goals import raw_call_s
+from benchmarks.serving.report import write_section
 from nextword.server.app import start_server
 from nextword.server.config import ServerConfig
 from nextword.v1 import nextword_pb2 as pb
@@ -26,19 +27,6 @@ on_session_loop = pytest.mark.asyncio(loop_scope="session")
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-4
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-floors = _load("floors")
-serving = _load("serving")
 
 
 # --------------------------------------------------------------------------- the reference servers
@@ -153,28 +141,28 @@ async def test_naive_reset_starts_the_context_again(
 def test_write_section_replaces_only_the_serving_section(tmp_path: Path) -> None:
     results = tmp_path / "RESULTS.md"
     results.write_text("# Results\n\n## Before\n\nkeep\n\n## Serving\n\nold\n\n## After\n\nkeep too\n")
-    serving.write_section(results, "new table\n")
+    write_section(results, "new table\n")
     assert results.read_text() == (
         "# Results\n\n## Before\n\nkeep\n\n## Serving\n\nnew table\n\n## After\n\nkeep too\n"
     )
     fresh = tmp_path / "OTHER.md"
     fresh.write_text("# Results\n\n## Before\n\nkeep\n")
-    serving.write_section(fresh, "table\n")
-    serving.write_section(fresh, "table again\n")  # rerunnable: replaced, not appended twice
+    write_section(fresh, "table\n")
+    write_section(fresh, "table again\n")  # rerunnable: replaced, not appended twice
     assert fresh.read_text() == "# Results\n\n## Before\n\nkeep\n\n## Serving\n\ntable again\n"
 
 
 def test_raw_throughput_is_interpolated_per_call() -> None:
     measured = {"1": {"call_ms": 1.0}, "64": {"call_ms": 8.0}, "256": {"call_ms": 32.0}}
-    assert serving.raw_call_s(measured, 64) == pytest.approx(8e-3)
-    assert serving.raw_call_s(measured, 160) == pytest.approx(20e-3)
-    assert serving.raw_call_s(measured, 1000) == pytest.approx(32e-3)  # clamped to the largest size
+    assert raw_call_s(measured, 64) == pytest.approx(8e-3)
+    assert raw_call_s(measured, 160) == pytest.approx(20e-3)
+    assert raw_call_s(measured, 1000) == pytest.approx(32e-3)  # clamped to the largest size
 
 
 @pytest.mark.slow
 def test_quick_run_prints_every_goal_with_finite_numbers(tiny_bundle: Path, tmp_path: Path) -> None:
     out, results = tmp_path / "serving.json", tmp_path / "RESULTS.md"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--bundle", str(tiny_bundle), "--quick"]
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--bundle", str(tiny_bundle), "--quick"]
     cmd += ["--procs", "1", "--json", str(out), "--results", str(results)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
