@@ -11,8 +11,15 @@ tests/test_quantize.py through the server). The LSTM/GRU/RNN ops stay float:
 onnxruntime quantizes them only dynamically, which is exactly the batch
 dependence we refuse.
 
-The quantized graphs are written self-contained (the fp32 bundle's shared
-weights.bin is not needed), and the manifest records the perplexity change
+The embedding lookup reads int8 rows too, each times its own scale (a row's
+scale depends on the table only, never on the batch). With tied weights it
+reads the very int8 matrix of the softmax projection, and the step and head
+graphs share one ``weights.bin`` (ONNX external data) as in the fp32 bundle,
+so the int8 matrix is stored once: the bundle is about half the fp32 one (the
+recurrent weights, kept float, are most of what is left). The head graph is
+calibrated on the states the step graph returns, so both graphs quantize the
+projection with the same scales and the head's answer for a state is the
+answer the step gave with it. The manifest records the perplexity change
 measured on the calibration corpus's valid/test splits.
 """
 
@@ -20,12 +27,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -33,12 +44,22 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from nextword.bundle import Bundle, Manifest, load_bundle, write_manifest
+from nextword.bundle import MANIFEST, Bundle, Manifest, load_bundle, sha256, write_manifest
+from nextword.options import from_args
+from nextword.progress import progress
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
 
-QUANTIZED_OPS = ["Gemm", "MatMul"]
+from .config import QuantizeConfig
+
+QUANTIZED_OPS = ["Gemm", "MatMul"]  # by onnxruntime; embedding Gathers are rewritten here
+WEIGHTS = "weights.bin"
+
+
+class QuantizeError(ValueError):
+    """Input that cannot be quantized; the message says what to fix."""
 
 
 class _Feeds(CalibrationDataReader):
@@ -52,7 +73,12 @@ class _Feeds(CalibrationDataReader):
 def calibration_feeds(
     lm: OnnxLM, text: str, *, batch: int = 16, samples: int = 32, every: int = 8
 ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """Inputs of the step and head graphs met while reading ``text``: real tokens, real states."""
+    """Inputs of the step and head graphs met while reading ``text``: real tokens, real states.
+
+    The head is fed the states the sampled steps return: the states it is asked
+    about when serving, and the very values the step graph's projection saw,
+    so both graphs calibrate that projection alike.
+    """
     m = lm.bundle.manifest
     ids = np.asarray(
         lm.bundle.vocab.encode(corpus_tokens(text, line_per_sentence=looks_pretokenized(text))),
@@ -61,85 +87,303 @@ def calibration_feeds(
     steps = len(ids) // batch
     samples = min(samples, (steps - 1) // every)
     if samples < 4:
-        raise ValueError(f"calibration text is too short ({len(ids)} tokens); give more text")
+        raise QuantizeError(f"calibration text is too short ({len(ids)} tokens); give more text")
     columns = ids[: steps * batch].reshape(batch, steps)
     state = lm.zero_state(batch)
+    head_in = [i for i, s in enumerate(m.state) if s.input in m.head.inputs]
     step_feeds, head_feeds = [], []
-    for t in range(samples * every):
+    for t in progress(range(samples * every), desc="calibrating", unit="step"):
         if t % every == 0:
             feeds = {m.step.inputs[0]: columns[:, t : t + 1].copy()}
             feeds |= {s.input: v.copy() for s, v in zip(m.state, state, strict=True)}
             step_feeds.append(feeds)
-            head_feeds.append({name: feeds[name] for name in m.head.inputs})
         _, state = lm.step(columns[:, t : t + 1], state)
+        if t % every == 0:
+            head_feeds.append({m.state[i].input: state[i].copy() for i in head_in})
     return step_feeds, head_feeds
 
 
-def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "") -> Manifest:
-    from nextword.evaluate import evaluate  # the scorer `nextword eval` uses
-
-    bundle: Bundle = load_bundle(src)
-    lm = OnnxLM(bundle, device="cpu")
-    calib_text = (calibration / "valid.txt" if calibration.is_dir() else calibration).read_text(
-        encoding="utf-8"
+def quantize_graph(src: Path, tmp: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[onnx.ModelProto, int]:
+    """One graph, pre-processed (shape inference) and statically quantized, in memory; its int8 lookups."""
+    pre, raw = tmp / f"pre-{src.name}", tmp / f"int8-{src.name}"
+    quant_pre_process(str(src), str(pre))
+    quantize_static(
+        str(pre),
+        str(raw),
+        _Feeds(feeds),
+        quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=QUANTIZED_OPS,
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8,
+        calibrate_method=CalibrationMethod.MinMax,
     )
-    step_feeds, head_feeds = calibration_feeds(lm, calib_text)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    m = bundle.manifest
-    for graph, feeds in ((m.step, step_feeds), (m.head, head_feeds)):
-        quantize_static(
-            str(bundle.path / graph.file),
-            str(out / graph.file),
-            _Feeds(feeds),
-            quant_format=QuantFormat.QOperator,
-            op_types_to_quantize=QUANTIZED_OPS,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.MinMax,
+    model = onnx.load(str(raw))
+    lookups = int8_embeddings(model)
+    float_logits(model)
+    _drop_unused(model.graph)
+    return model, lookups
+
+
+def int8_embeddings(model: onnx.ModelProto) -> int:
+    """Make each lookup of a float table's rows by fed token ids read int8 rows times a scale; how many."""
+    graph = model.graph
+    tables = {t.name: t for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    inputs = {i.name for i in graph.input}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] not in tables or node.input[1] not in inputs or axis:
+            nodes.append(node)
+            continue
+        rows, scale = _int8_rows(graph, tables[node.input[0]])
+        ids, out, name = node.input[1], node.output[0], node.name or node.output[0]
+        unsqueeze = (
+            helper.make_node(
+                "Unsqueeze", [f"{out}_scale", _constant(graph, "unsqueeze_last", [-1])], [out + "_s"]
+            )
+            if opset >= 13
+            else helper.make_node("Unsqueeze", [f"{out}_scale"], [out + "_s"], axes=[-1])
         )
-    shutil.copyfile(bundle.path / m.vocab_file, out / m.vocab_file)
+        nodes += [
+            helper.make_node("Gather", [rows, ids], [f"{out}_int8"], name=f"{name}_int8"),
+            helper.make_node("Cast", [f"{out}_int8"], [f"{out}_rows"], to=TensorProto.FLOAT),
+            helper.make_node("Gather", [scale, ids], [f"{out}_scale"], name=f"{name}_scale"),
+            unsqueeze,
+            helper.make_node("Mul", [f"{out}_rows", out + "_s"], [out], name=f"{name}_dequant"),
+        ]
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def float_logits(model: onnx.ModelProto) -> int:
+    """Let each QGemm whose output is only dequantized give float instead; how many.
+
+    QGemm with no output scale accumulates in int32 and scales once to float:
+    the logits keep their precision instead of being rounded to 256 levels, and
+    a step saves a QuantizeLinear/DequantizeLinear pass over the vocabulary.
+    """
+    graph = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    rewritten = 0
+    for node in list(graph.node):
+        if node.op_type != "QGemm" or len(node.input) < 9 or node.output[0] in outputs:
+            continue
+        consumers = readers.get(node.output[0], [])
+        dq = consumers[0] if len(consumers) == 1 else None
+        if dq is None or dq.op_type != "DequantizeLinear" or list(dq.input[1:]) != list(node.input[7:9]):
+            continue
+        del node.input[7:]
+        node.output[0] = dq.output[0]
+        graph.node.remove(dq)
+        rewritten += 1
+    return rewritten
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
+
+
+def _int8_rows(graph: onnx.GraphProto, table: TensorProto) -> tuple[str, str]:
+    """Names of ``table`` as int8 rows and one scale per row (zero point 0).
+
+    A tied table is also the projection's weight, which onnxruntime has already
+    quantized per output channel, i.e. per row: that copy is used when it is one.
+    """
+    w = numpy_helper.to_array(table)
+    have = {t.name: t for t in graph.initializer}
+    q, s, zp = (have.get(table.name + suffix) for suffix in ("_quantized", "_scale", "_zero_point"))
+    if q is not None and s is not None and zp is not None and q.data_type == TensorProto.INT8:
+        rows, scale, zero = (numpy_helper.to_array(t) for t in (q, s, zp))
+        if (
+            rows.shape == w.shape
+            and scale.shape == (w.shape[0],)
+            and not zero.any()
+            and np.all(np.abs(rows * scale[:, None] - w) <= scale[:, None] * 0.5001 + 1e-12)
+        ):
+            return q.name, s.name
+    scale = np.abs(w).max(axis=1) / 127
+    scale[scale == 0] = 1.0
+    rows = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(rows, f"{table.name}_rows_int8"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{table.name}_rows_scale"),
+        ]
+    )
+    return f"{table.name}_rows_int8", f"{table.name}_rows_scale"
+
+
+def _constant(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
+    if not any(t.name == name for t in graph.initializer):
+        graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+
+
+def write_graphs(out: Path, graphs: list[tuple[str, onnx.ModelProto]]) -> None:
+    """Save the graphs; the first one's large tensors go to weights.bin, shared by the others.
+
+    A later graph's initializer points into weights.bin when the first graph
+    stored the same name with the same content; anything else stays inline.
+    """
+    for _, model in graphs:  # raw bytes, the form onnx moves to external data
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") and tensor.data_location != TensorProto.EXTERNAL:
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    (first_file, first), *rest = graphs
+    stored = {t.name: numpy_helper.to_array(t) for t in first.graph.initializer}
+    onnx.save_model(
+        first,
+        str(out / first_file),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=WEIGHTS,
+        size_threshold=1024,
+    )
+    saved = onnx.load(str(out / first_file), load_external_data=False)
+    external = {t.name: t for t in saved.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    for file, model in rest:
+        for tensor in model.graph.initializer:
+            twin = external.get(tensor.name)
+            if twin is None or twin.data_type != tensor.data_type:
+                continue
+            value = numpy_helper.to_array(tensor)
+            if value.shape == stored[tensor.name].shape and np.array_equal(value, stored[tensor.name]):
+                shared = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                shared.data_location = TensorProto.EXTERNAL
+                shared.external_data.extend(twin.external_data)
+                tensor.CopyFrom(shared)
+        onnx.save_model(model, str(out / file))
+    for file, _ in graphs:
+        onnx.checker.check_model(str(out / file))
+    for path in out.iterdir():
+        path.chmod(0o644)  # onnx writes external data owner-only; a bundle is meant to be shared
+
+
+def _calibration_text(calibration: Path) -> str:
+    file = calibration / "valid.txt" if calibration.is_dir() else calibration
+    if not file.is_file():
+        where = f"{calibration} has no valid.txt" if calibration.is_dir() else f"{calibration} not found"
+        raise QuantizeError(f"calibration text: {where} (give --data a text file or a directory with one)")
+    return file.read_text(encoding="utf-8")
+
+
+def _quantized_manifest(m: Manifest, calibration: Path, command: str, embeddings: int) -> Manifest:
     manifest = copy.deepcopy(m)
     manifest.files, manifest.metrics = {}, {}
     manifest.name = f"{m.name}-int8"
     manifest.export = {
         **m.export,
         "quantization": {
-            "type": "int8 static (QOperator): per-channel int8 weights, uint8 activations, calibrated scales",
-            "ops": QUANTIZED_OPS,
+            "type": "int8 static (QOperator): per-channel int8 weights, uint8 activations, calibrated "
+            "scales, float logits",
+            "ops": QUANTIZED_OPS + (["Gather"] if embeddings else []),
+            "embedding": "int8 rows, one scale per row" if embeddings else "float",
+            "recurrent": "float (onnxruntime quantizes LSTM/GRU/RNN only dynamically: batch-dependent)",
             "from_bundle": m.name,
             "calibration": str(calibration),
             "command": command,
         },
     }
-    write_manifest(out, manifest)
-    q = OnnxLM(load_bundle(out), device="cpu")
-    for split in ("valid", "test"):
-        fp32 = m.metrics.get(split)
-        if not (calibration.is_dir() and (calibration / f"{split}.txt").exists()):
-            continue
-        scores = evaluate(out, calibration / f"{split}.txt", lm=q)
-        manifest.metrics[split] = {"path": str(calibration / f"{split}.txt"), **scores}
-        manifest.metrics[f"{split}_perplexity"] = scores["perplexity"]
-        if fp32:
-            change = scores["perplexity"] / fp32["perplexity"] - 1
-            manifest.metrics[f"{split}_perplexity_change"] = change
-            fp32_ppl = fp32["perplexity"]
-            print(f"{split}: perplexity {scores['perplexity']:.2f} (fp32 {fp32_ppl:.2f}, {change:+.2%})")
-    write_manifest(out, manifest)
     return manifest
 
 
-def main(args: argparse.Namespace) -> int:
-    import shlex
+def score(manifest: Manifest, fp32: Bundle, out: Path, calibration: Path) -> None:
+    """Perplexity of the int8 bundle on valid/test next to the fp32 one's, into the manifest."""
+    from nextword.evaluate import evaluate  # the scorer `nextword eval` uses
 
+    q = OnnxLM(load_bundle(out), device="cpu")
+    for split in ("valid", "test"):
+        path = calibration / f"{split}.txt"
+        if not (calibration.is_dir() and path.is_file()):
+            continue
+        before = fp32.manifest.metrics.get(split) or {}
+        fmt = before.get("format", "auto")
+        scores = evaluate(out, path, fmt=fmt, lm=q)
+        manifest.metrics[split] = {"path": str(path), **scores}
+        manifest.metrics[f"{split}_perplexity"] = scores["perplexity"]
+        if "perplexity" in before and _measured_on(fp32.manifest, split, path):
+            fp32_ppl = float(before["perplexity"])
+        else:  # the fp32 bundle was scored on another text (or not at all): score it on this one
+            fp32_ppl = float(evaluate(fp32.path, path, fmt=fmt)["perplexity"])
+        change = scores["perplexity"] / fp32_ppl - 1
+        manifest.metrics[f"{split}_perplexity_change"] = change
+        print(f"{split}: perplexity {scores['perplexity']:.2f} (fp32 {fp32_ppl:.2f}, {change:+.2%})")
+
+
+def _measured_on(m: Manifest, split: str, path: Path) -> bool:
+    """Whether the fp32 manifest's ``split`` metrics were measured on the file ``path``."""
+    recorded = str(m.metrics.get(split, {}).get("path", ""))
+    if recorded and Path(recorded).resolve() == path.resolve():
+        return True
+    data = m.training.get("data")  # the same text, named relative to another directory
+    known = data.get(split) if isinstance(data, dict) else None
+    return isinstance(known, dict) and known.get("path") == recorded and known.get("sha256") == sha256(path)
+
+
+def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "") -> Manifest:
+    """Write the int8 twin of the bundle ``src`` to ``out`` (replaced only once it is complete)."""
+    bundle = load_bundle(src)
+    _check_out(out, bundle)
+    text = _calibration_text(calibration)
+    step_feeds, head_feeds = calibration_feeds(OnnxLM(bundle, device="cpu"), text)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        graphs, embeddings = [], 0
+        m = bundle.manifest
+        with tempfile.TemporaryDirectory(prefix="nextword-quantize-") as tmp:
+            work = ((m.step, step_feeds), (m.head, head_feeds))
+            for graph, feeds in progress(work, desc="quantizing", unit="graph"):
+                model, lookups = quantize_graph(bundle.path / graph.file, Path(tmp), feeds)
+                graphs.append((graph.file, model))
+                embeddings += lookups
+        write_graphs(partial, graphs)
+        shutil.copyfile(bundle.path / m.vocab_file, partial / m.vocab_file)
+        manifest = _quantized_manifest(m, calibration, command, embeddings)
+        write_manifest(partial, manifest)
+        score(manifest, bundle, partial, calibration)
+        write_manifest(partial, manifest)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return manifest
+
+
+def _check_out(out: Path, bundle: Bundle) -> None:
+    """Refuse an ``out`` that is the fp32 bundle, or anything but a bundle that may be replaced."""
+    if out.resolve() == bundle.path.resolve():
+        raise QuantizeError(f"--out {out} is the fp32 bundle itself; write the int8 one elsewhere")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise QuantizeError(f"--out {out} exists and is not a model bundle; not replacing it")
+
+
+def _size(path: Path) -> str:
+    return f"{sum(f.stat().st_size for f in path.iterdir() if f.is_file()) / 1e6:.1f} MB"
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = from_args(QuantizeConfig, args)
     command = "nextword " + shlex.join(args.argv) if getattr(args, "argv", None) else ""
     try:
-        quantize_bundle(args.bundle, args.out, calibration=args.data, command=command)
+        quantize_bundle(cfg.bundle, cfg.out, calibration=cfg.data, command=command)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"nextword quantize: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote bundle {args.out}")
+    print(f"wrote bundle {cfg.out} ({_size(cfg.out)}; fp32 {_size(cfg.bundle)})")
     return 0

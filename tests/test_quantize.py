@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from nextword.bundle import load_bundle
 from nextword.export.quantize import quantize_bundle
+from nextword.runtime import OnnxLM
 from tests.test_server import assert_same, serving, type_words
 
 
@@ -19,16 +22,48 @@ def int8_bundle(tiny_bundle: Path, tiny_corpus: Path, tmp_path_factory: pytest.T
     return out
 
 
+def _size(bundle: Path) -> int:
+    return sum(f.stat().st_size for f in bundle.iterdir())
+
+
 def test_int8_bundle_is_valid_and_scored(int8_bundle: Path, tiny_bundle: Path) -> None:
     bundle = load_bundle(int8_bundle)
     m = bundle.manifest
     assert m.name == "tiny-int8" and "int8" in m.export["quantization"]["type"]
-    assert "weights.bin" not in m.files  # self-contained graphs
     assert m.state == load_bundle(tiny_bundle).manifest.state
+    assert not int8_bundle.with_name("tiny-int8.partial").exists()
     step = (int8_bundle / m.step.file).read_bytes()
     assert b"QGemm" in step or b"QLinearMatMul" in step or b"MatMulInteger" in step
     # Quantization costs a little perplexity, not a lot.
     assert abs(m.metrics["test_perplexity_change"]) < 0.05
+
+
+def test_int8_bundle_stores_its_weights_once_as_int8(int8_bundle: Path, tiny_bundle: Path) -> None:
+    m = load_bundle(int8_bundle).manifest
+    assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt"}
+    assert _size(int8_bundle) < _size(tiny_bundle)
+    step = onnx.load(str(int8_bundle / m.step.file), load_external_data=False)
+    head = onnx.load(str(int8_bundle / m.head.file), load_external_data=False)
+    tensors = {t.name: t for t in step.graph.initializer}
+    # The embedding lookup reads int8 rows, and no float copy of the table is left.
+    lookup = next(n for n in step.graph.node if n.op_type == "Gather" and n.input[1] == m.step.inputs[0])
+    assert tensors[lookup.input[0]].data_type == onnx.TensorProto.INT8
+    vocab_rows = [t for t in tensors.values() if t.dims and t.dims[0] == m.vocab_size and len(t.dims) == 2]
+    assert [t.data_type for t in vocab_rows] == [onnx.TensorProto.INT8]  # tied: one matrix for both uses
+    # The head reads the step graph's copy in weights.bin; the recurrent op stays float.
+    shared = [t.name for t in head.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert vocab_rows[0].name in shared
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in vocab_rows)
+    assert any(n.op_type == m.cell.upper() for n in step.graph.node)
+
+
+def test_int8_head_answers_what_the_step_answered(int8_bundle: Path) -> None:
+    lm = OnnxLM(load_bundle(int8_bundle), device="cpu")
+    rng = np.random.default_rng(0)
+    state = lm.zero_state(4)
+    for _ in range(5):
+        log_probs, state = lm.step(rng.integers(0, lm.vocab_size, (4, 1)), state)
+    np.testing.assert_array_equal(lm.head(state), log_probs)
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -49,20 +84,72 @@ async def test_int8_answers_do_not_depend_on_the_batch(int8_bundle: Path) -> Non
             assert_same(x.prediction, y.prediction)
 
 
-def test_quantize_cli_refuses_too_little_text(tiny_bundle: Path, tmp_path: Path) -> None:
+def _quantize_cli(bundle: Path, out: Path, data: Path) -> int:
     from nextword.cli import main
 
-    (tmp_path / "short.txt").write_text("too short\n")
-    assert (
-        main(
-            [
-                "quantize",
-                str(tiny_bundle),
-                "--out",
-                str(tmp_path / "q"),
-                "--data",
-                str(tmp_path / "short.txt"),
-            ]
-        )
-        == 2
+    return main(["quantize", str(bundle), "--out", str(out), "--data", str(data)])
+
+
+def test_quantize_cli_is_quiet_unless_something_is_wrong(
+    tiny_bundle: Path, tiny_corpus: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    assert _quantize_cli(tiny_bundle, tmp_path / "q", tiny_corpus) == 0
+    out, err = capfd.readouterr()
+    assert err == ""  # no onnxruntime warnings, no progress bars off a terminal
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["valid", "test"]
+    assert all("fp32" in line for line in lines[:2])
+    assert lines[2].startswith(f"wrote bundle {tmp_path / 'q'} (") and len(lines) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+@pytest.mark.parametrize("problem", ["no bundle", "no text", "too little text", "out is not a bundle"])
+def test_quantize_cli_errors_are_one_line_and_leave_nothing(
+    problem: str, tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle, data, out = tiny_bundle, tmp_path / "short.txt", tmp_path / "q"
+    data.write_text("too short\n")
+    if problem == "no bundle":
+        bundle = tmp_path / "missing"
+    elif problem == "no text":
+        data = tmp_path / "corpus"
+        data.mkdir()  # a directory without valid.txt
+    elif problem == "out is not a bundle":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _quantize_cli(bundle, out, data) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nextword quantize: error: ") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no half-written bundle
+    if problem == "out is not a bundle":
+        assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+def test_an_untied_embedding_gets_its_own_int8_rows() -> None:
+    import onnxruntime as ort
+
+    from nextword.export.quantize import int8_embeddings
+
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "tokens"], ["vectors"])],
+        "lookup",
+        [onnx.helper.make_tensor_value_info("tokens", onnx.TensorProto.INT64, ["batch", "seq"])],
+        [onnx.helper.make_tensor_value_info("vectors", onnx.TensorProto.FLOAT, ["batch", "seq", 8])],
+        [onnx.numpy_helper.from_array(table, "table")],
     )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+    assert int8_embeddings(model) == 1
+    used = {name for node in model.graph.node for name in node.input}
+    assert {t.data_type for t in model.graph.initializer if t.name in used} == {
+        onnx.TensorProto.INT8,
+        onnx.TensorProto.FLOAT,  # the per-row scales
+        onnx.TensorProto.INT64,  # the Unsqueeze axes
+    }
+    onnx.checker.check_model(model)
+    tokens = np.array([[0, 7, 49], [3, 3, 1]], dtype=np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"tokens": tokens})[0]
+    step = np.abs(table).max(axis=1) / 127
+    assert np.all(np.abs(got - table[tokens]) <= step[tokens][..., None] / 2 + 1e-7)
