@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seed": VALID_SEED if args.sweep else TEST_SEED,
     }
     configs = [
-        Config(cell=cell, length=length, lr=lr, **common)  # type: ignore[arg-type]
+        Config(cell=cell, length=length, lr=lr, **common)
         for length in lengths
         for cell in cells
         for lr in (

@@ -88,7 +88,8 @@ def finish(run: Run, run_dir: Path, bundle: Path, data: Path, log: Path) -> dict
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     row |= {
         "parameters": manifest["model"]["parameters"],
-        "epochs": len(history),
+        # An epoch --max-minutes cut short counts for the part of it that ran.
+        "epochs": round(sum(h["tokens"] / h["epoch_tokens"] if h.get("cut") else 1 for h in history), 1),
         "words_per_s": sum(h["words_per_s"] for h in history) / len(history),
         "valid_ppl": manifest["metrics"]["valid"]["perplexity"],
         "test_ppl": manifest["metrics"]["test"]["perplexity"],
@@ -120,7 +121,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ksr = f"{r['ksr']:.2%}" if "ksr" in r else "–"
         lines.append(
             f"| {r['corpus']} | {r['name']} ({r['layers']}×{r['hidden']}) | "
-            f"{r['parameters'] / 1e6:.2f} M | {r['epochs']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+            f"{r['parameters'] / 1e6:.2f} M | {r['epochs']:g} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
             f"{r['top1']:.2%} | {r['top3']:.2%} | {ksr} | {r['words_per_s']:,.0f} |"
         )
     return "\n".join(lines)
@@ -143,6 +144,14 @@ def main() -> int:
     runs = [r for r in plan(args.corpora.split(","), args.large) if r.name in cells or r.name == "lstm-650"]
     for r in runs:
         r.hidden = max(8, int(r.hidden * args.scale))
+    taken = [run_dir for r in runs if (run_dir := args.out / r.corpus / r.name).exists()]
+    if taken:
+        print(
+            f"error: {taken[0]} (and {len(taken) - 1} more) exist: nextword train will not write over "
+            "a run; remove them or give another --out",
+            file=sys.stderr,
+        )
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     procs = []

@@ -7,15 +7,45 @@ default and help text is the command-line option's (``nextword.options``).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from nextword.options import option, positional, required, switch
 
 CELLS = ("rnn", "irnn", "delay", "lstm", "gru", "cifg")
 FORMATS = ("auto", "raw", "lines")
 _FORMAT_HELP = "raw: wrapped text, a blank line ends a paragraph; lines: one tokenized sentence a line"
+SPLITS = "a directory with train.txt and valid.txt (test.txt optional)"
+
+
+class InputError(ValueError):
+    """What the user gave cannot be used: the command prints one line, ``nextword CMD: error: ...``, exit 2.
+
+    Raised before anything is written, so a refused command leaves nothing behind.
+    """
+
+
+def check_run_dir(run_dir: Path, needed: str, *, hint: str, unfinished: str) -> None:
+    """InputError unless ``run_dir`` is a training run that holds ``needed`` (best.pt, checkpoint.pt).
+
+    ``hint`` says what to give instead; ``unfinished`` what to do about a run without ``needed``.
+    """
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such directory; {hint}")
+    if not (run_dir / "config.json").is_file() or not (run_dir / "vocab.txt").is_file():
+        raise InputError(f"{run_dir} is not a training run (no config.json and vocab.txt); {hint}")
+    if not (run_dir / needed).is_file():
+        raise InputError(f"{run_dir} has no {needed}: no epoch of its training has finished; {unfinished}")
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that made a run or bundle, as recorded in it ("" when not run from the CLI)."""
+    argv = getattr(args, "argv", None)
+    return "nextword " + shlex.join(argv) if argv else ""
 
 
 @dataclass
@@ -34,14 +64,38 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> ModelConfig:
+        """A saved ``to_dict``; runs from before ``delay`` was a field kept it in ``extra``."""
+        saved = dict(saved)
+        extra = saved.pop("extra", None) or {}
+        if "delay" in extra:
+            saved.setdefault("delay", extra["delay"])
+        return cls(**saved)
+
+    def check(self) -> None:
+        """Raise InputError, naming the options to change, for sizes no model can be built with."""
+        if self.cell not in CELLS:
+            raise InputError(f"unknown cell {self.cell!r}; choose one of {', '.join(CELLS)}")
+        if self.cell == "delay" and self.delay < 1:
+            raise InputError(f"--delay must be at least 1 (got {self.delay})")
+        if self.tie_weights and self.embedding_dim != self.hidden_size:
+            raise InputError(
+                f"tied weights need --embedding-dim equal to --hidden-size (got {self.embedding_dim} "
+                f"and {self.hidden_size}): give both the same size, or add --no-tie"
+            )
+
 
 @dataclass
 class TrainConfig:
     """How a run trains (``nextword train``); saved in the run directory as config.json."""
 
     out: Path = required("run directory to write (checkpoints, vocabulary, metrics)")
-    data: Path | None = option(None, "directory with train.txt and valid.txt (test.txt optional)")
-    resume: bool = switch("continue the run in --out from its last checkpoint")
+    data: Path | None = option(None, SPLITS)
+    resume: bool = switch(
+        "continue the run in --out from its last checkpoint, with its saved settings; "
+        "--epochs may raise its epoch count, --max-minutes, --device and --threads apply to this session"
+    )
     format: str = option("auto", _FORMAT_HELP, choices=FORMATS)
     vocab_size: int = option(10000, "most frequent training words kept; the rest are <unk>")
     min_count: int = option(2, "words seen fewer times than this are <unk>")
@@ -57,6 +111,25 @@ class TrainConfig:
     eval_batch_size: int = option(16, "", cli=False)
     command: str = option("", "", cli=False)  # the command line that made the run
 
+    # Recorded in config.json, but --resume takes them from its own command line, not from there.
+    SESSION: ClassVar[tuple[str, ...]] = ("out", "resume", "max_minutes", "device", "threads")
+
+    def __post_init__(self) -> None:
+        # Python callers and config.json give paths as strings.
+        self.out = Path(self.out)
+        self.data = Path(self.data) if self.data is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What config.json records: the settings that make the run (paths as strings)."""
+        saved = {k: v for k, v in asdict(self).items() if k not in ("out", "resume")}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in saved.items()}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], out: Path) -> TrainConfig:
+        """The settings ``to_dict`` recorded for the run in ``out``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"out"}
+        return cls(out=out, **{k: v for k, v in saved.items() if k in names})
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -71,6 +144,7 @@ class ExportConfig:
     eval_data: Path | None = option(
         None, "directory whose valid.txt/test.txt are scored into the manifest (default: the training data)"
     )
+    command: str = option("", "", cli=False)  # the command line that made the bundle
 
 
 @dataclass(frozen=True)
@@ -100,6 +174,6 @@ class DiagnoseConfig:
     hidden_size: int = option(256, "fresh models: state size")
     layers: int = option(1, "fresh models: layers")
     vocab_size: int = option(10000, "fresh models: vocabulary size")
-    delay: int = option(4, "fresh delay cell: h_t also reads h_(t-d), this d")
+    delay: int = option(ModelConfig.delay, "fresh delay cell: h_t also reads h_(t-d), this d")
     seed: int = option(0, "random seed")
     threads: int = option(1, "torch CPU threads")

@@ -37,11 +37,13 @@ from typing import Any
 
 import torch
 
+from nextword.options import from_args
 from nextword.tokenizer import Vocab
 
+from .config import DiagnoseConfig, InputError
 from .data import encode, read_tokens
 from .model import CELLS, ModelConfig, RNNLanguageModel
-from .onnx_export import load_run
+from .onnx_export import check_run, load_run
 
 
 def gradient_norms(
@@ -107,15 +109,69 @@ def sample_tokens(
     if ids is None:
         return torch.randint(vocab_size, (n, length), generator=generator)
     if ids.numel() < length:
-        raise ValueError(f"--data has {ids.numel()} tokens; need at least {length}")
+        raise InputError(
+            f"--data has {ids.numel()} tokens; need at least {length} (--warmup + --horizon + 2)"
+        )
     starts = torch.randint(ids.numel() - length + 1, (n,), generator=generator)
     return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
-def _label_run(run_dir: Path, cfg: dict[str, Any]) -> str:
-    m = cfg["model"]
-    delay = f", d={m['extra']['delay']}" if m["cell"] == "delay" and "delay" in m.get("extra", {}) else ""
-    return f"{run_dir.name}: {m['cell']} {m['num_layers']}x{m['hidden_size']}{delay} (trained)"
+Subject = tuple[str, RNNLanguageModel, torch.Tensor | None]  # label, model, the token ids of --data
+
+
+def check_inputs(opts: DiagnoseConfig) -> list[str]:
+    """The fresh cells asked for; InputError for an unknown cell, a missing run or --data."""
+    cells = [c.strip() for c in opts.cells.split(",") if c.strip()]
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        raise InputError(f"unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}")
+    if not cells and not opts.run_dirs:
+        raise InputError("give training run directories (RUN_DIR ...) or --cells, e.g. --cells rnn,lstm")
+    for run_dir in opts.run_dirs:
+        check_run(run_dir)
+    if opts.data is not None and not opts.data.is_file():
+        raise InputError(f"--data {opts.data}: no such file; give a text file")
+    return cells
+
+
+def load_models(opts: DiagnoseConfig, cells: list[str]) -> list[Subject]:
+    """The trained runs, then a fresh model of each cell, each with the --data ids it reads (if any)."""
+    tokens = read_tokens(opts.data, opts.format) if opts.data else None
+    models: list[Subject] = []
+    for run_dir in opts.run_dirs:
+        model, _ = load_run(run_dir)
+        ids = encode(tokens, Vocab.load(run_dir / "vocab.txt")) if tokens is not None else None
+        models.append((_label(model.cfg, f"{run_dir.name}: ", "trained"), model, ids))
+    if not cells:
+        return models
+    # Fresh models have no vocabulary of their own: build one from --data if given.
+    vocab = Vocab.build(tokens, max_size=opts.vocab_size, min_count=1) if tokens is not None else None
+    vocab_size = len(vocab) if vocab is not None else opts.vocab_size
+    ids = encode(tokens, vocab) if tokens is not None and vocab is not None else None
+    for cell in cells:
+        model = fresh_model(cell, opts.hidden_size, opts.layers, vocab_size, opts.delay, opts.seed)
+        models.append((_label(model.cfg, "", "fresh init"), model, ids))
+    return models
+
+
+def _label(m: ModelConfig, prefix: str, kind: str) -> str:
+    delay = f", d={m.delay}" if m.cell == "delay" else ""
+    return f"{prefix}{m.cell} {m.num_layers}x{m.hidden_size}{delay} ({kind})"
+
+
+def measure(models: list[Subject], opts: DiagnoseConfig) -> list[dict[str, Any]]:
+    """Each model's gradient norms for k = 0..horizon, on the same sequences (one seed)."""
+    length = opts.warmup + opts.horizon + 2
+    curves = []
+    for label, model, ids in models:
+        gen = torch.Generator().manual_seed(opts.seed)
+        batch = sample_tokens(opts.sequences, length, model.cfg.vocab_size, gen, ids)
+        norms = gradient_norms(model.double(), batch, opts.horizon, opts.warmup)
+        curves.append({"label": label, "cell": model.cfg.cell, "norms": norms})
+        picks = [k for k in (0, 10, 30, 100) if k <= opts.horizon]
+        summary = "  ".join(f"k={k}: {norms[k]:.2e}" for k in picks)
+        print(f"{label}: {summary}", file=sys.stderr)
+    return curves
 
 
 def plot(curves: list[dict[str, Any]], out: Path, title: str) -> None:
@@ -147,59 +203,28 @@ def plot(curves: list[dict[str, Any]], out: Path, title: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, args.threads))
-    cells = [c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else []
-    unknown = [c for c in cells if c not in CELLS]
-    if unknown:
-        print(f"error: unknown cell(s) {', '.join(unknown)}; choose from {', '.join(CELLS)}", file=sys.stderr)
+    opts = from_args(DiagnoseConfig, args)
+    torch.set_num_threads(max(1, opts.threads))
+    try:
+        curves = measure(load_models(opts, check_inputs(opts)), opts)
+    except InputError as exc:
+        print(f"nextword diagnose: error: {exc}", file=sys.stderr)
         return 2
-    if not cells and not args.run_dirs:
-        print("error: give RUN_DIR(s) or --cells", file=sys.stderr)
-        return 2
-
-    length = args.warmup + args.horizon + 2
-    tokens = read_tokens(args.data, args.format) if args.data else None
-    # Each model sees the same sequences: one generator, re-seeded per model.
-    models: list[tuple[str, RNNLanguageModel, torch.Tensor | None]] = []
-    for run_dir in args.run_dirs:
-        model, cfg = load_run(run_dir)
-        ids = encode(tokens, Vocab.load(run_dir / "vocab.txt")) if tokens is not None else None
-        models.append((_label_run(run_dir, cfg), model, ids))
-    if cells:
-        # Fresh models have no vocabulary of their own: build one from --data if given.
-        vocab = Vocab.build(tokens, max_size=args.vocab_size, min_count=1) if tokens is not None else None
-        vocab_size = len(vocab) if vocab is not None else args.vocab_size
-        ids = encode(tokens, vocab) if tokens is not None and vocab is not None else None
-        for cell in cells:
-            model = fresh_model(cell, args.hidden_size, args.layers, vocab_size, args.delay, args.seed)
-            delay = f", d={args.delay}" if cell == "delay" else ""
-            models.append((f"{cell} {args.layers}x{args.hidden_size}{delay} (fresh init)", model, ids))
-
-    curves = []
-    for label, model, ids in models:
-        gen = torch.Generator().manual_seed(args.seed)
-        batch = sample_tokens(args.sequences, length, model.cfg.vocab_size, gen, ids)
-        norms = gradient_norms(model.double(), batch, args.horizon, args.warmup)
-        curves.append({"label": label, "cell": model.cfg.cell, "norms": norms})
-        picks = [k for k in (0, 10, 30, 100) if k <= args.horizon]
-        summary = "  ".join(f"k={k}: {norms[k]:.2e}" for k in picks)
-        print(f"{label}: {summary}", file=sys.stderr)
-
-    source = f"text of {args.data.name}" if args.data else "random token ids"
+    source = f"text of {opts.data.name}" if opts.data else "random token ids"
     title = (
         f"Gradient of the last word's loss w.r.t. the recurrent state k steps earlier "
-        f"({args.sequences} sequences of {source}, warm-up {args.warmup})"
+        f"({opts.sequences} sequences of {source}, warm-up {opts.warmup})"
     )
-    plot(curves, args.out, title)
-    print(f"wrote {args.out}", file=sys.stderr)
-    if args.json:
+    plot(curves, opts.out, title)
+    print(f"wrote {opts.out}", file=sys.stderr)
+    if opts.json:
         report = {
-            "horizon": args.horizon,
-            "sequences": args.sequences,
-            "warmup": args.warmup,
-            "data": str(args.data) if args.data else None,
-            "seed": args.seed,
-            "png": str(args.out),
+            "horizon": opts.horizon,
+            "sequences": opts.sequences,
+            "warmup": opts.warmup,
+            "data": str(opts.data) if opts.data else None,
+            "seed": opts.seed,
+            "png": str(opts.out),
             "curves": curves,
         }
         print(json.dumps(report))

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import CELLS, ModelConfig
+from .config import CELLS as CELLS  # re-exported: the cells this module builds
+from .config import ModelConfig
 
 State = tuple[Tensor, ...]
 
@@ -182,14 +183,10 @@ class ScriptedRecurrent(Recurrent):
 
 
 def make_recurrent(cfg: ModelConfig) -> Recurrent:
-    if cfg.cell not in CELLS:
-        raise ValueError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    cfg.check()  # a ValueError (InputError) naming the option, for an unknown cell or a bad size
     args = (cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, cfg.dropout)
     if cfg.cell in ("cifg", "delay"):
-        delay = cfg.delay
-        if delay < 1:
-            raise ValueError("--delay must be at least 1")
-        return ScriptedRecurrent(cfg.cell, *args, delay=delay)
+        return ScriptedRecurrent(cfg.cell, *args, delay=cfg.delay)
     return FusedRecurrent(cfg.cell, *args)
 
 
@@ -197,8 +194,6 @@ def make_recurrent(cfg: ModelConfig) -> Recurrent:
 class RNNLanguageModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        if cfg.tie_weights and cfg.embedding_dim != cfg.hidden_size:
-            raise ValueError("tied weights need --embedding-dim equal to --hidden-size")
         self.cfg = cfg
         self.drop = nn.Dropout(cfg.dropout)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embedding_dim)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import tempfile
@@ -26,10 +25,13 @@ import onnxruntime
 import torch
 
 from nextword.bundle import BATCH, Graph, Manifest, StateTensor, load_bundle, write_manifest
+from nextword.evaluate import evaluate as score_text
+from nextword.options import from_args
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab, is_word
 
-from .model import HeadGraph, ModelConfig, RNNLanguageModel, StepGraph
+from .config import ExportConfig, InputError, ModelConfig, check_run_dir, command_line
+from .model import HeadGraph, RNNLanguageModel, StepGraph
 
 WEIGHTS = "weights.bin"
 
@@ -38,9 +40,22 @@ class ParityError(RuntimeError):
     pass
 
 
+def check_run(run_dir: Path) -> None:
+    """InputError, saying what to do, unless ``run_dir`` is a training run with trained weights."""
+    check_run_dir(
+        run_dir,
+        "best.pt",
+        hint="give a training run directory (what `nextword train --out` wrote)",
+        unfinished=f"train it to the end of an epoch first (nextword train --resume --out {run_dir}, "
+        "or anew without --resume)",
+    )
+
+
 def load_run(run_dir: Path) -> tuple[RNNLanguageModel, dict[str, Any]]:
+    """The run's best weights (best.pt) and its config.json."""
+    check_run(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    model = RNNLanguageModel(ModelConfig(**config["model"]))
+    model = RNNLanguageModel(ModelConfig.from_dict(config["model"]))
     model.load_state_dict(torch.load(run_dir / "best.pt", map_location="cpu"))
     return model.eval(), config
 
@@ -154,8 +169,8 @@ def check_parity(model: RNNLanguageModel, lm: OnnxLM, tolerance: float, seed: in
         log_probs, *rest = StepGraph(model, offer, lm.top_k)(tokens, *state)
         head, *head_top = HeadGraph(model, offer, lm.top_k)(state[0])
     want_state, want_top = rest[: len(state)], rest[len(state) :]
-    step = lm.step_ranked(tokens.numpy(), [s.numpy() for s in state], full=True)
-    got_head = lm.head_ranked([s.numpy() for s in state], full=True)
+    step = lm.step_ranked(tokens.numpy(), [s.numpy() for s in state], whole_distribution=True)
+    got_head = lm.head_ranked([s.numpy() for s in state], whole_distribution=True)
     pairs = [
         (step.log_probs, log_probs),
         (got_head.log_probs, head),
@@ -169,39 +184,120 @@ def check_parity(model: RNNLanguageModel, lm: OnnxLM, tolerance: float, seed: in
     return worst
 
 
-def export_bundle(
-    run_dir: Path,
-    out: Path,
-    *,
-    name: str | None = None,
-    opset: int = 17,
-    tolerance: float = 1e-4,
-    eval_data: Path | None = None,
-    command: str = "",
-    top_k: int = 64,
-) -> Manifest:
-    # Imported here: nextword.evaluate is the same scorer `nextword eval` uses.
-    from nextword.evaluate import evaluate
+def stage(message: str) -> None:
+    """What export is doing now, on stderr (the steps that take a while have their own bars)."""
+    print(message, file=sys.stderr, flush=True)
 
-    model, config = load_run(run_dir)
-    summary = (
-        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    )
-    specs = state_spec(model)
-    final, out = out, out.with_name(out.name + ".partial")  # replace the old bundle only once all passed
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copyfile(run_dir / "vocab.txt", out / "vocab.txt")
+
+def check_export(cfg: ExportConfig) -> None:
+    """InputError, saying what to do, for a run or directory export cannot use; nothing is written."""
+    check_run(cfg.run_dir)
+    out = cfg.out
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(
+            f"--out {out} exists and is not a model bundle: export replaces only a bundle; "
+            "give a new directory"
+        )
+    data = cfg.eval_data
+    if data is not None and not any((data / f"{split}.txt").is_file() for split in SCORED):
+        problem = "no such directory" if not data.is_dir() else "has no valid.txt or test.txt"
+        raise InputError(f"--eval-data {data}: {problem}; give a directory with valid.txt and/or test.txt")
+
+
+SCORED = ("valid", "test")
+
+
+def texts_to_score(cfg: ExportConfig, config: dict[str, Any]) -> list[Path]:
+    """The valid/test files scored into the manifest: --eval-data's, else the training data's."""
+    data_dir = cfg.eval_data or Path(config["train"]["data"])
+    paths = [data_dir / f"{split}.txt" for split in SCORED if (data_dir / f"{split}.txt").is_file()]
+    if not paths:
+        print(
+            f"nextword export: warning: {data_dir}, the run's training data, has no valid.txt or test.txt "
+            "(any more): the manifest will hold no metrics; give --eval-data DIR to score one",
+            file=sys.stderr,
+        )
+    return paths
+
+
+def export(cfg: ExportConfig) -> Manifest:
+    """Write the bundle ``cfg.out`` from the run ``cfg.run_dir``: graphs, manifest, parity, scores.
+
+    The bundle is built in ``OUT.partial`` and replaces ``cfg.out`` only once all of it passed;
+    a refused export (InputError, ParityError) leaves nothing behind.
+    """
+    check_export(cfg)
+    model, config = load_run(cfg.run_dir)
+    texts = texts_to_score(cfg, config)
+    partial = cfg.out.with_name(cfg.out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        manifest = build_bundle(model, config, cfg, partial, texts)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if cfg.out.exists():
+        shutil.rmtree(cfg.out)
+    partial.rename(cfg.out)
+    return manifest
+
+
+def export_bundle(run_dir: Path, out: Path, **settings: Any) -> Manifest:
+    """``export`` for Python callers: ``settings`` are ExportConfig's other fields (name, top_k, ...)."""
+    return export(ExportConfig(run_dir=Path(run_dir), out=Path(out), **settings))
+
+
+def build_bundle(
+    model: RNNLanguageModel, config: dict[str, Any], cfg: ExportConfig, out: Path, texts: list[Path]
+) -> Manifest:
+    """Every file of the bundle, in ``out``; ParityError if onnxruntime disagrees with torch."""
+    summary_file = cfg.run_dir / "summary.json"  # absent if training was stopped before its end
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    shutil.copyfile(cfg.run_dir / "vocab.txt", out / "vocab.txt")
     offer = offer_mask(Vocab.load(out / "vocab.txt"))
-    top_k = min(top_k, int(torch.isfinite(offer).sum()))  # never rank a non-word into the top
-    step, head = write_graphs(model, specs, out, opset, offer, top_k)
-    manifest = Manifest(
-        name=name or final.name,
+    top_k = min(cfg.top_k, int(torch.isfinite(offer).sum()))  # never rank a non-word into the top
+    stage(f"exporting {cfg.run_dir} to ONNX graphs (opset {cfg.opset}) ...")
+    specs = state_spec(model)
+    step, head = write_graphs(model, specs, out, cfg.opset, offer, top_k)
+    manifest = new_manifest(model, config, summary, cfg, specs, (step, head), top_k)
+    write_manifest(out, manifest)
+    lm = OnnxLM(load_bundle(out), device="cpu")
+    worst = check_parity(model, lm, cfg.tolerance)
+    manifest.export["parity_max_abs_diff"] = worst
+    print(f"parity: max |torch - onnxruntime| = {worst:.3g} (tolerance {cfg.tolerance:g})")
+    for path in texts:
+        stage(f"scoring {path} ...")
+        scores = score_text(out, path, fmt=summary.get("format", "auto"), lm=lm)
+        manifest.metrics[path.stem] = {"path": str(path), **scores}
+        manifest.metrics[f"{path.stem}_perplexity"] = scores["perplexity"]
+        print(
+            f"{path.stem}: perplexity {scores['perplexity']:.2f}  top-1 {scores['top1']:.2%}  "
+            f"top-3 {scores['top3']:.2%}"
+        )
+    for file in out.iterdir():
+        file.chmod(0o644)  # onnx writes external data owner-only; a bundle is meant to be shared
+    write_manifest(out, manifest)
+    return manifest
+
+
+def new_manifest(
+    model: RNNLanguageModel,
+    config: dict[str, Any],
+    summary: dict[str, Any],
+    cfg: ExportConfig,
+    specs: list[StateTensor],
+    graphs: tuple[Graph, Graph],
+    top_k: int,
+) -> Manifest:
+    """The manifest of a bundle: what the graphs are, what trained them, how to make them again."""
+    return Manifest(
+        name=cfg.name or cfg.out.name,
         cell=model.cfg.cell,
         model={**model.cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters())},
-        step=step,
-        head=head,
+        step=graphs[0],
+        head=graphs[1],
         state=specs,
         tokenizer={
             "name": TOKENIZER_NAME,
@@ -216,57 +312,26 @@ def export_bundle(
             "torch_metrics": summary.get("metrics", {}),
         },
         export={
-            "command": command,
-            "reproduce": " && ".join(c for c in (summary.get("command"), command) if c),
-            "opset": opset,
-            "tolerance": tolerance,
+            "command": cfg.command,
+            "reproduce": " && ".join(c for c in (summary.get("command"), cfg.command) if c),
+            "opset": cfg.opset,
+            "tolerance": cfg.tolerance,
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         },
     )
-    write_manifest(out, manifest)
-    lm = OnnxLM(load_bundle(out), device="cpu")
-    manifest.export["parity_max_abs_diff"] = check_parity(model, lm, tolerance)
-    print(
-        f"parity: max |torch - onnxruntime| = {manifest.export['parity_max_abs_diff']:.3g} "
-        f"(tolerance {tolerance:g})"
-    )
-    data_dir = eval_data or (Path(config["train"]["data"]))
-    for split in ("valid", "test"):
-        path = data_dir / f"{split}.txt"
-        if path.exists():
-            scores = evaluate(out, path, fmt=summary.get("format", "auto"), lm=lm)
-            manifest.metrics[split] = {"path": str(path), **scores}
-            manifest.metrics[f"{split}_perplexity"] = scores["perplexity"]
-            print(
-                f"{split}: perplexity {scores['perplexity']:.2f}  top-1 {scores['top1']:.2%}  "
-                f"top-3 {scores['top3']:.2%}"
-            )
-    for file in out.iterdir():
-        file.chmod(0o644)  # onnx writes external data owner-only; a bundle is meant to be shared
-    write_manifest(out, manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    out.rename(final)
-    return manifest
 
 
 def main(args: argparse.Namespace) -> int:
-    command = "nextword " + shlex.join(args.argv) if getattr(args, "argv", None) else ""
+    cfg = from_args(ExportConfig, args, command=command_line(args))
     try:
-        export_bundle(
-            args.run_dir,
-            args.out,
-            name=args.name,
-            opset=args.opset,
-            tolerance=args.tolerance,
-            eval_data=args.eval_data,
-            command=command,
-            top_k=args.top_k,
-        )
+        export(cfg)
+    except InputError as exc:
+        print(f"nextword export: error: {exc}", file=sys.stderr)
+        return 2
     except ParityError as exc:
-        print(f"error: export refused: {exc}", file=sys.stderr)
+        print(f"nextword export: error: export refused: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote bundle {args.out}")
+    print(f"wrote bundle {cfg.out}")
     return 0

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_tiny(
-    corpus: Path, out: Path, *, cell: str = "lstm", epochs: int = 3, lr: float = 1e-2, **model_kw
+    corpus: Path, out: Path, *, cell: str = "lstm", epochs: int = 3, lr: float = 1e-2, **model_kw: Any
 ) -> Path:
     """Train a small model for a few seconds and return its run directory."""
     import torch
@@ -72,7 +73,8 @@ def train_tiny(
     torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation
 
     cfg = TrainConfig(
-        data=str(corpus),
+        out=out,
+        data=corpus,
         epochs=epochs,
         batch_size=16,
         bptt=20,
@@ -90,7 +92,7 @@ def train_tiny(
         dropout=0.1,
         **model_kw,
     )
-    run(cfg, mcfg, out)
+    run(cfg, mcfg)
     return out
 
 

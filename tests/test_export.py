@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from nextword.bundle import BundleError, load_bundle
+from nextword.cli import main as nextword
+from nextword.export.config import ModelConfig
 from nextword.export.onnx_export import ParityError, export_bundle, load_run
 from nextword.runtime import OnnxLM
 from tests.conftest import train_tiny
@@ -38,8 +41,8 @@ def test_training_is_seeded_and_resumable(tiny_corpus: Path, tmp_path: Path) -> 
 
     from nextword.export.train import TrainConfig, run
 
-    saved = json.loads((a / "config.json").read_text())["train"]
-    run(TrainConfig(**{**saved, "epochs": 2}), None, a, resume=True)
+    saved = TrainConfig.from_dict(json.loads((a / "config.json").read_text())["train"], a)
+    run(dataclasses.replace(saved, epochs=2, resume=True))
     epochs = [json.loads(line)["epoch"] for line in (a / "history.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
 
@@ -82,6 +85,27 @@ def test_exported_graphs_match_torch_on_new_shapes(tiny_run: Path, tiny_bundle: 
 def test_export_refuses_when_parity_fails(tiny_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ParityError, match="tolerance"):
         export_bundle(tiny_run, tmp_path / "b", tolerance=0.0)
+    assert list(tmp_path.iterdir()) == []  # not even the half-made b.partial
+
+
+def test_export_cli_says_what_it_is_doing(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert nextword(["export", str(tiny_run), "--out", str(tmp_path / "b"), "--top-k", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "exporting" in captured.err and "ONNX graphs" in captured.err
+    assert "scoring" in captured.err and "valid.txt" in captured.err and "test.txt" in captured.err
+    assert f"wrote bundle {tmp_path / 'b'}" in captured.out
+    manifest = load_bundle(tmp_path / "b").manifest
+    assert manifest.topk["k"] == 8 and manifest.export["command"].startswith("nextword export ")
+
+
+def test_model_config_of_older_runs() -> None:
+    """Runs saved before ``delay`` was a field kept it in ``extra``."""
+    saved = {**ModelConfig(cell="delay").to_dict(), "extra": {"delay": 3}}
+    del saved["delay"]
+    assert ModelConfig.from_dict(saved).delay == 3
+    assert ModelConfig.from_dict({"cell": "lstm", "extra": {}}).delay == ModelConfig.delay
 
 
 def test_invalid_bundles_are_refused_with_a_reason(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import subprocess
 from contextlib import redirect_stdout
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -57,7 +58,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("kn5-corpus"), seed=5, paragraphs=300)
 
 
-def _model(corpus: Path, kenlm_bin: Path, workdir: Path, *, order: int, vocab_size: int):
+def _model(
+    corpus: Path, kenlm_bin: Path, workdir: Path, *, order: int, vocab_size: int
+) -> tuple[Vocab, list[int], list[tuple[int, ...]], Any, Path]:
     """Vocab, valid ids/contexts and the ARPA model, as kn5.run builds them."""
     train = read_tokens(corpus / "train.txt", "raw")
     vocab = Vocab.build(train, max_size=vocab_size, min_count=1)
