@@ -14,6 +14,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 from prompt_toolkit import PromptSession
@@ -21,10 +22,11 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Thre
 from prompt_toolkit.document import Document
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
+from nextword.options import from_args, option
 from nextword.tokenizer import normalize
 
-from .client import NextWordClient, Prediction, SyncSession
-from .predict import rpc_error_message
+from .client import DEFAULT_TARGET, NextWordClient, Prediction, SyncSession
+from .predict import format_prob, rpc_error_message
 
 # The raw (un-normalised) partial word at the end of the text, as the tokenizer sees one.
 _LETTER = r"(?:[^\W_]|[\u0300-\u036f])"
@@ -93,20 +95,20 @@ class NextWordCompleter(Completer):
                     _match_case(s.word, typed),
                     start_position=-len(typed),
                     display=s.word,
-                    display_meta=f"{s.prob:.1%}",
+                    display_meta=format_prob(s.prob),
                 )
             return
         # After punctuation ("end.") the next word needs its own space.
         sep = "" if not text or text[-1].isspace() else " "
         for s in pred.suggestions:
-            yield Completion(sep + s.word, display=s.word, display_meta=f"{s.prob:.1%}")
+            yield Completion(sep + s.word, display=s.word, display_meta=format_prob(s.prob))
 
     def toolbar(self) -> str:
         if self.last_error:
             return self.last_error
         if self.last is None:
             return "start typing"
-        nxt = "  ".join(f"{s.word} {s.prob:.0%}" for s in self.last.suggestions)
+        nxt = "  ".join(f"{s.word} {format_prob(s.prob)}" for s in self.last.suggestions)
         return f"next: {nxt}   [{self.last.context_tokens} tokens, {self.requests} requests]"
 
     def _drop_session(self) -> None:
@@ -135,16 +137,24 @@ def _key_bindings() -> KeyBindings:
     return kb
 
 
+@dataclass(frozen=True)
+class CompleteOptions:
+    target: str = option(DEFAULT_TARGET, "server HOST:PORT")
+    k: int = option(5, "suggestions shown")
+    timeout: float = option(10.0, "seconds to wait for each answer")
+
+
 def main(args: argparse.Namespace) -> int:
-    with NextWordClient(args.target, timeout=10.0) as client:
+    opts = from_args(CompleteOptions, args)
+    with NextWordClient(opts.target, timeout=opts.timeout) as client:
         try:
             info = client.model_info()
         except grpc.RpcError as exc:
-            print(rpc_error_message(exc, args.target), file=sys.stderr)
+            print(rpc_error_message(exc, opts.target), file=sys.stderr)
             return 1
-        completer = NextWordCompleter(client, k=args.k)
+        completer = NextWordCompleter(client, k=opts.k)
         print(
-            f"{info.name} ({info.cell}, {info.provider}) at {args.target}. "
+            f"{info.name} ({info.cell}, {info.provider}) at {opts.target}. "
             "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits."
         )
         # Completion runs in a thread so a slow reply never freezes typing.

@@ -1,14 +1,40 @@
-"""``nextword predict``: one-shot suggestions from a running server."""
+"""``nextword predict``: one-shot suggestions from a running server.
+
+A text that ends with a space (or punctuation) asks for the next word; one that
+ends inside a word asks for that word's completions as well.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 import grpc
 
-from .client import NextWordClient, Prediction
+from nextword.options import from_args, option, positional, switch
+
+from .client import DEFAULT_TARGET, NextWordClient, Prediction
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    text: str = positional(
+        "the text typed so far: end it with a space for next words, or mid-word for completions"
+    )
+    k: int = option(3, "suggestions asked for")
+    target: str = option(DEFAULT_TARGET, "server HOST:PORT")
+    json: bool = switch("print one JSON object")
+    timeout: float = option(10.0, "seconds to wait for the answer")
+
+
+def format_prob(p: float) -> str:
+    """A probability as a percentage a person can read: 12.3%, 0.41%, 0.0052% — never a bare 0.0%."""
+    percent = p * 100
+    if percent >= 10:
+        return f"{percent:.1f}%"
+    return f"{percent:.2g}%" if percent >= 1e-4 else "<0.0001%"
 
 
 def rpc_error_message(exc: grpc.RpcError, target: str) -> str:
@@ -25,23 +51,24 @@ def rpc_error_message(exc: grpc.RpcError, target: str) -> str:
 
 def format_table(pred: Prediction) -> str:
     lines = ["next word        prob"]
-    lines += [f"{i:>2}. {s.word:<12} {s.prob:6.1%}" for i, s in enumerate(pred.suggestions, 1)]
+    lines += [f"{i:>2}. {s.word:<12} {format_prob(s.prob):>7}" for i, s in enumerate(pred.suggestions, 1)]
     if pred.partial:
         lines += ["", f"completing {pred.partial!r}"]
-        lines += [f"{i:>2}. {s.word:<12} {s.prob:6.1%}" for i, s in enumerate(pred.completions, 1)]
+        lines += [f"{i:>2}. {s.word:<12} {format_prob(s.prob):>7}" for i, s in enumerate(pred.completions, 1)]
         if not pred.completions:
             lines.append("    (no vocabulary word starts with it)")
     return "\n".join(lines)
 
 
-def predict(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    opts = from_args(PredictOptions, args)
     try:
-        with NextWordClient(args.target, timeout=args.timeout) as client:
-            pred = client.predict(args.text, k=args.k)
+        with NextWordClient(opts.target, timeout=opts.timeout) as client:
+            pred = client.predict(opts.text, k=opts.k)
     except grpc.RpcError as exc:
-        print(rpc_error_message(exc, args.target), file=sys.stderr)
+        print(rpc_error_message(exc, opts.target), file=sys.stderr)
         return 1
-    if args.json:
+    if opts.json:
         print(json.dumps(pred.to_json_dict(), ensure_ascii=False))
     else:
         print(format_table(pred))

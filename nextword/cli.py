@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS.get(name) if name else None
     if command is not None and (missing := command.missing()) and not {"-h", "--help"} & set(argv):
         print(
-            f"nextword {name}: needs {', '.join(missing)}, which is not installed: "
-            f"pip install 'nextword[{command.extra}]'",
+            f"nextword {name}: error: {' and '.join(missing)} not installed; this command needs "
+            f"the {command.extra} extra: pip install 'nextword[{command.extra}]'",
             file=sys.stderr,
         )
         return 2

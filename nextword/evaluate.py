@@ -1,9 +1,11 @@
-"""``nextword eval``: perplexity and top-1/top-3 next-word accuracy of a bundle, with onnxruntime.
+"""``nextword eval``: how good a bundle is on a text, scored offline with onnxruntime.
 
-The text is scored exactly as the server runs the model: the bundle's own step
-graph, one token at a time, the state carried. The stream is cut into
-``batch`` contiguous columns (each starting from the zero state) so that one
-onnxruntime call scores ``batch`` tokens.
+Perplexity and top-1/top-3 next-word accuracy come from the bundle's own step
+graph, one token at a time with the state carried, exactly as the server runs
+it. The token stream is cut into ``batch`` contiguous columns (each starting
+from the zero state) so that one onnxruntime call scores ``batch`` tokens.
+With ``--ksr``, a person typing the text with a suggestion strip is simulated
+too (``nextword.ksr``): the keystrokes saved.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,24 @@ import numpy as np
 
 from nextword.bundle import BundleError, load_bundle
 from nextword.ksr import keystroke_savings
+from nextword.options import from_args, option, positional, required, switch
+from nextword.progress import progress
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    bundle: Path = positional("bundle directory to score")
+    data: Path = required("text file to score")
+    format: str = option(
+        "auto", "raw: wrapped text; lines: one tokenized sentence a line", choices=("auto", "raw", "lines")
+    )
+    json: bool = switch("print one JSON object")
+    device: str = option("cpu", "where the model runs", choices=("auto", "cpu", "cuda"))
+    ksr: bool = switch("also simulate typing the text with a suggestion strip: keystroke savings")
+    ksr_chars: int = option(20000, "keystroke savings: simulate the first N characters")
+    slots: int = option(3, "keystroke savings: suggestions shown on the strip")
 
 
 def evaluate(
@@ -32,6 +51,7 @@ def evaluate(
     device: str = "cpu",
     lm: OnnxLM | None = None,
 ) -> dict[str, Any]:
+    """Perplexity, top-1 and top-3 accuracy of the bundle on the text file ``data``."""
     lm = lm or OnnxLM(load_bundle(bundle_dir), device=device)
     text = data.read_text(encoding="utf-8")
     lines = looks_pretokenized(text) if fmt == "auto" else fmt == "lines"
@@ -43,7 +63,7 @@ def evaluate(
     state = lm.zero_state(batch)
     nll, top1, top3 = 0.0, 0, 0
     rows = np.arange(batch)
-    for t in range(steps - 1):
+    for t in progress(range(steps - 1), desc=f"scoring {data.name}", unit_scale=batch, unit="token"):
         log_probs, state = lm.step(columns[:, t : t + 1], state)
         target = columns[:, t + 1]
         nll -= float(log_probs[rows, target].sum())
@@ -61,25 +81,28 @@ def evaluate(
 
 
 def main(args: argparse.Namespace) -> int:
+    opts = from_args(EvalOptions, args)
     try:
-        lm = OnnxLM(load_bundle(args.bundle), device=args.device)
-        result = evaluate(args.bundle, args.data, fmt=args.format, lm=lm)
-        if args.ksr:
-            text = args.data.read_text(encoding="utf-8")
-            result.update(keystroke_savings(lm, text, slots=args.slots, max_chars=args.ksr_chars))
+        lm = OnnxLM(load_bundle(opts.bundle), device=opts.device)
+        result = evaluate(opts.bundle, opts.data, fmt=opts.format, lm=lm)
+        if opts.ksr:
+            text = opts.data.read_text(encoding="utf-8")
+            result.update(keystroke_savings(lm, text, slots=opts.slots, max_chars=opts.ksr_chars))
     except (BundleError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"nextword eval: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{args.data}: perplexity {result['perplexity']:.2f}  top-1 {result['top1']:.2%}  "
-            f"top-3 {result['top3']:.2%}  ({result['tokens']:,} tokens)"
-        )
-        if args.ksr:
-            print(
-                f"keystroke savings {result['ksr']:.2%} with {args.slots} slots  ({result['keys']:,} of "
-                f"{result['keys_without_prediction']:,} keys, first {result['ksr_chars']:,} characters)"
-            )
+    print(json.dumps(result) if opts.json else _table(opts, result))
     return 0
+
+
+def _table(opts: EvalOptions, result: dict[str, Any]) -> str:
+    lines = [
+        f"{opts.data}: perplexity {result['perplexity']:.2f}  top-1 {result['top1']:.2%}  "
+        f"top-3 {result['top3']:.2%}  ({result['tokens']:,} tokens)"
+    ]
+    if opts.ksr:
+        lines.append(
+            f"keystroke savings {result['ksr']:.2%} with {opts.slots} slots  ({result['keys']:,} of "
+            f"{result['keys_without_prediction']:,} keys, first {result['ksr_chars']:,} characters)"
+        )
+    return "\n".join(lines)

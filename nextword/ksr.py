@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from nextword.progress import progress
 from nextword.ranking import Ranker, Scores
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word, split_partial
@@ -92,10 +93,9 @@ def keystroke_savings(
     vocab = lm.bundle.vocab
     ranker = Ranker(vocab)
     offerable = {w for w in vocab.words if is_word(w)}
-    state = lm.start_state()  # where every session starts
-    log_probs = lm.head(state)
+    log_probs, state = lm.start()  # where every session starts
     keys = without = selections = words = 0
-    for before, word in typed_words(text):
+    for before, word in progress(typed_words(text), desc="simulating typing", unit="word"):
         if before:
             log_probs, state = lm.step(np.array([vocab.encode(before)], dtype=np.int64), state)
         typed = _typed_before_offered(ranker, log_probs[0], word, slots) if word in offerable else None
@@ -125,9 +125,9 @@ def _typed_before_offered(ranker: Ranker, log_probs: np.ndarray, word: str, slot
     Offered with the whole word typed saves nothing (taking it or typing the
     space is one key either way), so only shorter prefixes are looked at.
     """
-    answer = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
+    scores = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
     for typed in range(len(word)):
-        prediction = ranker.predict(answer, word[:typed], slots, 0)
+        prediction = ranker.predict(scores, word[:typed], slots, 0)
         strip = prediction.completions if typed else prediction.suggestions
         if any(s.word == word for s in strip):
             return typed

@@ -70,12 +70,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if (
-            action.option_strings
-            and not action.required
-            and action.default not in (None, False, True, argparse.SUPPRESS, "")
-            and "%(default)" not in text
-        ):
+        default = action.default
+        shown = not (default is None or isinstance(default, bool) or default in ("", argparse.SUPPRESS))
+        if action.option_strings and not action.required and shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 

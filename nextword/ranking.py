@@ -38,21 +38,21 @@ class Ranker:
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
 
-    def predict(self, answer: Scores, partial: str, k: int, context_tokens: int) -> pb.Prediction:
+    def predict(self, scores: Scores, partial: str, k: int, context_tokens: int) -> pb.Prediction:
         """Suggestions from the graph's own top-k when it has enough; completions need the full row."""
-        if answer.top_values is not None and answer.top_ids is not None and k <= len(answer.top_values):
-            values, ids = answer.top_values[:k], answer.top_ids[:k]
+        if scores.top_values is not None and scores.top_ids is not None and k <= len(scores.top_values):
+            values, ids = scores.top_values[:k], scores.top_ids[:k]
             words = self._words
             suggestions = [
                 pb.Suggestion(word=words[i], prob=float(np.exp(v))) for v, i in zip(values, ids, strict=True)
             ]
         else:
-            assert answer.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
-            suggestions = self._top(answer.log_probs, self._suggestable, k)
+            assert scores.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
+            suggestions = self._top(scores.log_probs, self._suggestable, k)
         completions = []
         if partial:
-            assert answer.log_probs is not None, "completions need the full distribution"
-            completions = self._top(answer.log_probs, self.completion_ids(partial), k)
+            assert scores.log_probs is not None, "completions need the full distribution"
+            completions = self._top(scores.log_probs, self.completion_ids(partial), k)
         return pb.Prediction(
             suggestions=suggestions,
             completions=completions,

@@ -110,14 +110,18 @@ class OnnxLM:
     def zero_state(self, batch: int) -> State:
         return [np.zeros(s.concrete_shape(batch), dtype=np.dtype(s.dtype)) for s in self.state_spec]
 
-    def start_state(self) -> State:
-        """The state every context starts from (batch of one): after one ``<eos>`` from zeros.
+    def start(self) -> tuple[np.ndarray, State]:
+        """Where every context starts: next-word log-probs [1, vocab] and the state, after one ``<eos>``.
 
         Training text follows an ``<eos>``, so a new or reset session, a one-shot
         prediction and an offline keystroke simulation all begin here.
         """
         eos = np.array([[self.bundle.vocab.eos_id]], dtype=np.int64)
-        return self.step(eos, self.zero_state(1))[1]
+        return self.step(eos, self.zero_state(1))
+
+    def start_state(self) -> State:
+        """The state of ``start`` alone (batch of one)."""
+        return self.start()[1]
 
     def _step_feeds(self, tokens: np.ndarray, state: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         feeds = {self._tokens: np.ascontiguousarray(tokens, dtype=np.int64)}
@@ -134,16 +138,23 @@ class OnnxLM:
         """Next-word log-probs [batch, vocab] read from a state, with no new token."""
         return self._head.run([self._log_probs], self._head_feeds(state))[0]
 
-    def step_ranked(self, tokens: np.ndarray, state: Sequence[np.ndarray], *, full: bool) -> Ranked:
-        """Like ``step``, fetching the in-graph top-k, and the full log-probs only if ``full``."""
-        names = [*self._state_out, *self._top, *([self._log_probs] if full or not self._top else [])]
+    def step_ranked(
+        self, tokens: np.ndarray, state: Sequence[np.ndarray], *, whole_distribution: bool
+    ) -> Ranked:
+        """Like ``step``, fetching the in-graph top-k, and all log-probs only with ``whole_distribution``."""
+        names = [*self._state_out, *self._top, *self._log_probs_if(whole_distribution)]
         outputs = self._step.run(names, self._step_feeds(tokens, state))
         n = len(self._state_out)
         return self._ranked(outputs[n:], outputs[:n])
 
-    def head_ranked(self, state: Sequence[np.ndarray], *, full: bool) -> Ranked:
-        names = [*self._top, *([self._log_probs] if full or not self._top else [])]
+    def head_ranked(self, state: Sequence[np.ndarray], *, whole_distribution: bool) -> Ranked:
+        """Like ``head``, fetching the in-graph top-k, and all log-probs only with ``whole_distribution``."""
+        names = [*self._top, *self._log_probs_if(whole_distribution)]
         return self._ranked(self._head.run(names, self._head_feeds(state)), [])
+
+    def _log_probs_if(self, whole_distribution: bool) -> list[str]:
+        # A graph without in-graph ranking has nothing else to give.
+        return [self._log_probs] if whole_distribution or not self._top else []
 
     def _ranked(self, outputs: list[np.ndarray], state: State) -> Ranked:
         if self._top:

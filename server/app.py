@@ -68,8 +68,8 @@ def warm_up(lm: OnnxLM, max_batch: int) -> None:
     for n in range(1, max_batch + 1):
         state = lm.zero_state(n)
         for seq in (1, 2) if n == 1 else (1,):
-            lm.step_ranked(np.ones((n, seq), dtype=np.int64), state, full=True)
-        lm.head_ranked(state, full=True)
+            lm.step_ranked(np.ones((n, seq), dtype=np.int64), state, whole_distribution=True)
+        lm.head_ranked(state, whole_distribution=True)
 
 
 async def start_server(config: ServerConfig) -> RunningServer:

@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent sessions' model calls share one onnxruntime run.
 
-Callers await ``step``/``head`` naming the state slot to read (``server.state``)
+Callers await ``advance``/``peek`` naming the state slot to read (``server.state``)
 and, for a step, the slot to write the new state into (or ``DISCARD``). A single
 worker task takes the first waiting request, waits up to ``max_delay`` for
 others, groups them (a step group needs one sequence length: padding would run
@@ -44,7 +44,7 @@ class _Request:
     tokens: Sequence[int]
     src: int
     dst: int
-    full: bool
+    whole_distribution: bool
     future: asyncio.Future[Scores] = field(repr=False)
     enqueued: float = field(default_factory=time.perf_counter)
 
@@ -80,19 +80,21 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def step(self, tokens: Sequence[int], src: int, dst: int, *, full: bool) -> Scores:
-        """Feed ``tokens`` from the state in slot ``src``, the new state into slot ``dst``."""
+    async def advance(self, tokens: Sequence[int], src: int, dst: int, *, whole_distribution: bool) -> Scores:
+        """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores."""
         if not tokens:
-            raise ValueError("step needs at least one token")
-        return await self._submit(len(tokens), tokens, src, dst, full)
+            raise ValueError("advance needs at least one token")
+        return await self._submit(len(tokens), tokens, src, dst, whole_distribution)
 
-    async def head(self, src: int, *, full: bool) -> Scores:
-        """The next-word distribution read from the state in slot ``src``."""
-        return await self._submit(HEAD, (), src, DISCARD, full)
+    async def peek(self, src: int, *, whole_distribution: bool) -> Scores:
+        """The next word's scores read from the state in slot ``src``, which stays as it is."""
+        return await self._submit(HEAD, (), src, DISCARD, whole_distribution)
 
-    async def _submit(self, key: int, tokens: Sequence[int], src: int, dst: int, full: bool) -> Scores:
+    async def _submit(
+        self, key: int, tokens: Sequence[int], src: int, dst: int, whole_distribution: bool
+    ) -> Scores:
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(key, tokens, src, dst, full, future))
+        self._queue.put_nowait(_Request(key, tokens, src, dst, whole_distribution, future))
         return await future
 
     async def _run(self) -> None:
@@ -139,24 +141,24 @@ class Batcher:
         """One graph call for the group: gather its states, run, scatter the new states."""
         n = len(group)
         state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
-        full = any(r.full for r in group)
+        whole = any(r.whole_distribution for r in group)
         if key == HEAD:
-            ranked = await self._call("head", self._lm.head_ranked, state, full=full)
+            ranked = await self._call("head", self._lm.head_ranked, state, whole_distribution=whole)
         else:
             tokens = np.array([r.tokens for r in group], dtype=np.int64)
-            ranked = await self._call("step", self._lm.step_ranked, tokens, state, full=full)
+            ranked = await self._call("step", self._lm.step_ranked, tokens, state, whole_distribution=whole)
             dst = np.fromiter((r.dst for r in group), dtype=np.intp, count=n)
             keep = dst != DISCARD
             self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
             self._metrics.words.inc(n * key)
-        return [self._answer(ranked, b, r.full) for b, r in enumerate(group)]
+        return [self._scores(ranked, b, r.whole_distribution) for b, r in enumerate(group)]
 
     @staticmethod
-    def _answer(ranked: Ranked, b: int, full: bool) -> Scores:
+    def _scores(ranked: Ranked, b: int, whole_distribution: bool) -> Scores:
         return Scores(
             None if ranked.top_values is None else ranked.top_values[b],
             None if ranked.top_ids is None else ranked.top_ids[b],
-            ranked.log_probs[b] if full and ranked.log_probs is not None else None,
+            ranked.log_probs[b] if whole_distribution and ranked.log_probs is not None else None,
         )
 
     async def _call(self, graph: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -24,7 +24,7 @@ from .state import INITIAL, StatePool
 
 
 @dataclass
-class _Advance:
+class _Applied:
     """What a text increment did to a context (committed to a session only if still owned)."""
 
     prediction: pb.Prediction
@@ -85,7 +85,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         start = time.perf_counter()
         await self._validate("Predict", context, request.text, request.k, request.model)
         k = request.k or self._config.default_k
-        step = await self._advance(INITIAL, "", 0, request.text, k, keep=False)
+        step = await self._apply_text(INITIAL, "", 0, request.text, k, keep=False)
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
         return pb.PredictReply(prediction=step.prediction)
 
@@ -165,7 +165,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     "finish the word with a space, or send reset",
                 )
             k = request.k or session.k
-            step = await self._advance(src, pending, context_tokens, request.text, k, keep=True)
+            step = await self._apply_text(src, pending, context_tokens, request.text, k, keep=True)
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
                 if step.slot != src:
@@ -183,29 +183,32 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             self._sessions.touch(session)
             return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
 
-    async def _advance(
+    async def _apply_text(
         self, src: int, pending: str, context_tokens: int, text: str, k: int, *, keep: bool
-    ) -> _Advance:
+    ) -> _Applied:
         """Feed the complete words of ``pending + text`` in one model call; predict from the result.
 
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
         """
         tokens, partial = split_partial(pending + text)
-        full = bool(partial) or k > self._ranker.graph_k  # completions rank the whole vocabulary
+        # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
+        whole = bool(partial) or k > self._ranker.graph_k
         slot = src
         if tokens:
             slot = self._pool.alloc() if keep else DISCARD
             try:
-                answer = await self._batcher.step(self._bundle.vocab.encode(tokens), src, slot, full=full)
+                scores = await self._batcher.advance(
+                    self._bundle.vocab.encode(tokens), src, slot, whole_distribution=whole
+                )
             except BaseException:
                 if keep:
                     self._pool.free(slot)
                 raise
         else:
-            answer = await self._batcher.head(src, full=full)
+            scores = await self._batcher.peek(src, whole_distribution=whole)
         context_tokens += len(tokens)
-        prediction = self._ranker.predict(answer, partial, k, context_tokens)
-        return _Advance(prediction, slot, partial, context_tokens)
+        prediction = self._ranker.predict(scores, partial, k, context_tokens)
+        return _Applied(prediction, slot, partial, context_tokens)
 
     # ---- errors --------------------------------------------------------------
     async def _validate(

@@ -379,9 +379,12 @@ async def test_batcher_groups_and_scatters(tiny_bundle: Path) -> None:
         slots = [pool.alloc() for _ in calls]
         stepped, headed = await asyncio.gather(  # all queued before the batcher runs: they batch
             asyncio.gather(
-                *(batcher.step(t, INITIAL, s, full=True) for t, s in zip(calls, slots, strict=True))
+                *(
+                    batcher.advance(t, INITIAL, s, whole_distribution=True)
+                    for t, s in zip(calls, slots, strict=True)
+                )
             ),
-            asyncio.gather(*(batcher.head(INITIAL, full=False) for _ in range(3))),
+            asyncio.gather(*(batcher.peek(INITIAL, whole_distribution=False) for _ in range(3))),
         )
         for tokens, slot, answer in zip(calls, slots, stepped, strict=True):
             want_lp, want_state = lm.step(np.array([tokens]), base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -104,7 +105,7 @@ def test_vocab_by_frequency_with_cap_and_min_count() -> None:
     assert Vocab.build(tokens, max_size=100, min_count=2).words[len(SPECIALS) :] == ("b", "a")
 
 
-def test_vocab_round_trips_through_file(tmp_path) -> None:
+def test_vocab_round_trips_through_file(tmp_path: Path) -> None:
     vocab = Vocab((*SPECIALS, "x", "don't", "é"))
     vocab.save(tmp_path / "vocab.txt")
     assert Vocab.load(tmp_path / "vocab.txt") == vocab
