@@ -34,8 +34,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from a checkout
-
 from nextword.export.model import ModelConfig, make_recurrent
 
 BASELINE_MSE = 2 / 12  # variance of the sum of two independent U[0, 1]

@@ -15,7 +15,7 @@ Same tokens, same vocabulary, same scored positions as our models:
   context of a token is at most ``order - 1`` preceding tokens of its own segment, after
   ``<s>``. (Our recurrent models carry their state across segments; the n-gram model simply
   has nothing to carry.)
-* Scored positions are exactly those of ``nextword eval`` (``clients/evaluate.py``): the
+* Scored positions are exactly those of ``nextword eval`` (``nextword/evaluate.py``): the
   split is cut into ``--columns`` (32) contiguous columns, the first token of each column
   and the tail that does not fill a column are not scored. The n-gram context is not cut at
   column starts (the model has no state to reset).
@@ -42,11 +42,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the repo's packages come first
+from nextword.export.data import read_tokens, resolve_format
+from nextword.tokenizer import EOS, UNK, Vocab
 
-from nextword.export.data import read_tokens, resolve_format  # noqa: E402
-from nextword.tokenizer import EOS, UNK, Vocab  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BUILD_SCRIPT = ROOT / "benchmarks" / "kenlm" / "build.sh"
 OOV = "<oov>"  # how our <unk> is spelled for lmplz

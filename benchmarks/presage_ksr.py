@@ -12,7 +12,7 @@ insensitive, as nextword's lower-casing model is) on the first ``--chars``
 characters of the test split. Everything it builds lives in the ignored
 ``benchmarks/.cache/presage/``; the corpora are only read.
 
-Settings chosen for a like-for-like comparison (see ``clients/ksr.py`` for how
+Settings chosen for a like-for-like comparison (see ``nextword/ksr.py`` for how
 our count mirrors ``presage_simulator``'s):
 
 * Only the n-gram predictor: the default profile also runs a user n-gram model

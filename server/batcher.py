@@ -1,6 +1,6 @@
 """Dynamic batching: concurrent sessions' model calls share one onnxruntime run.
 
-Callers await ``advance``/``peek`` naming the state slot to read (``server.state``)
+Callers await ``advance``/``peek`` naming the state slot to read (``server/state.py``)
 and, for a step, the slot to write the new state into (or ``DISCARD``). A single
 worker task takes the first waiting request, waits up to ``max_delay`` for
 others, groups them (a step group needs one sequence length: padding would run
@@ -56,8 +56,8 @@ class Batcher:
         pool: StatePool,
         metrics: Metrics,
         *,
-        max_batch: int = 64,
-        max_delay: float = 0.0005,
+        max_batch: int,  # ServerConfig.max_batch
+        max_delay: float,  # seconds: ServerConfig.max_delay_ms / 1000
     ) -> None:
         self._lm = lm
         self._pool = pool

@@ -91,7 +91,7 @@ def test_lmplz_sees_every_token_once(corpus: Path, tmp_path: Path) -> None:
 def test_scored_positions_are_nextword_evals() -> None:
     for n, columns in ((1000, 32), (1031, 32), (97, 5), (50, 1)):
         steps = n // columns
-        # clients/evaluate.py: ids[: steps * columns].reshape(columns, steps), targets columns[:, 1:]
+        # nextword/evaluate.py: ids[: steps * columns].reshape(columns, steps), targets columns[:, 1:]
         expected = np.arange(steps * columns).reshape(columns, steps)[:, 1:].ravel()
         assert list(kn5.scored_positions(n, columns)) == expected.tolist()
 

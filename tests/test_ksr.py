@@ -1,4 +1,4 @@
-"""Keystroke savings (clients/ksr.py) on the real tiny LSTM bundle and hand-made texts."""
+"""Keystroke savings (nextword/ksr.py) on the real tiny LSTM bundle and hand-made texts."""
 
 from __future__ import annotations
 
