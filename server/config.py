@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextword.bundle import DEMO_BUNDLE
-from nextword.options import option
+from nextword.options import option, switch
 
 ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns metrics off
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -34,6 +34,50 @@ class ServerConfig:
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
+
+    # ---- transport security and identity (server/security.py)
+    tls_cert: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key)")
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert")
+    tls_client_ca: Path | None = option(
+        None,
+        "PEM CA bundle: require client certificates it signed (mutual TLS); the principal is the cert's name",
+    )
+    tokens_file: Path | None = option(
+        None, "bearer tokens: lines 'SHA256-HEX PRINCIPAL' (re-read when it changes; see nextword token)"
+    )
+    expose_manifest: bool = switch(
+        "GetModelInfo returns the whole manifest, local paths and commands included"
+    )
+
+    # ---- cost, counted in model tokens (server/admission.py, server/batcher.py)
+    max_request_tokens: int = option(2048, "most tokens one request may add, after normalisation")
+    max_word_chars: int = option(
+        100, "longest unfinished word a session may hold, in characters after normalisation"
+    )
+    max_inflight_tokens: int = option(
+        32768, "model tokens queued or running on the whole server; past it requests get RESOURCE_EXHAUSTED"
+    )
+    prefill_chunk_tokens: int = option(
+        16, "a long request runs in chunks of this many tokens between others' steps"
+    )
+
+    # ---- connections and streams (grpc core settings; server/app.py)
+    max_concurrent_rpcs: int = option(10_000, "calls and streams open at once; more get RESOURCE_EXHAUSTED")
+    max_streams_per_connection: int = option(100, "concurrent streams one HTTP/2 connection may open")
+    idle_stream_timeout: float = option(
+        300.0, "seconds a stream may wait for its next message (also bounds a half-written one)"
+    )
+    max_connection_age: float = option(
+        1800.0, "seconds before a connection is asked to go away (rebalancing)"
+    )
+    connection_age_grace: float = option(30.0, "seconds calls may finish on a connection past its age")
+    keepalive_time: float = option(60.0, "seconds between server pings on an idle connection")
+    keepalive_timeout: float = option(
+        20.0, "seconds to wait for a ping's answer before closing the connection"
+    )
+    min_client_ping_interval: float = option(
+        10.0, "fewest seconds allowed between a client's keepalive pings"
+    )
 
     def __post_init__(self) -> None:
         # Fail at startup with the flag to fix, not at the first request.

@@ -68,6 +68,18 @@ class Metrics:
             registry=reg,
         )
         self.model_info = Info("nextword_model", "The model being served", registry=reg)
+        self.refused = Counter(
+            "nextword_refused",
+            "Requests refused before they reach the model, by reason",
+            ["reason"],
+            registry=reg,
+        )
+        self.open_streams = Gauge("nextword_open_streams", "Session streams open now", registry=reg)
+        self.inflight_tokens = Gauge(
+            "nextword_inflight_tokens",
+            "Model tokens queued or running (see --max-inflight-tokens)",
+            registry=reg,
+        )
 
 
 class MetricsEndpoint:
