@@ -25,7 +25,9 @@ from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from nextword.options import from_args, option
 from nextword.tokenizer import normalize
 
-from .client import DEFAULT_TARGET, NextWordClient, Prediction, SyncSession
+from .channel import CredentialsError
+from .client import NextWordClient, Prediction, SyncSession
+from .connection import ConnectionOptions
 from .predict import format_prob, rpc_error_message
 
 # The raw (un-normalised) partial word at the end of the text, as the tokenizer sees one.
@@ -139,22 +141,27 @@ def _key_bindings() -> KeyBindings:
 
 @dataclass(frozen=True)
 class CompleteOptions:
-    target: str = option(DEFAULT_TARGET, "server HOST:PORT")
     k: int = option(5, "suggestions shown")
     timeout: float = option(10.0, "seconds to wait for each answer")
 
 
 def main(args: argparse.Namespace) -> int:
     opts = from_args(CompleteOptions, args)
-    with NextWordClient(opts.target, timeout=opts.timeout) as client:
+    conn = from_args(ConnectionOptions, args)
+    try:
+        client = conn.client(timeout=opts.timeout)
+    except CredentialsError as exc:
+        print(f"nextword complete: error: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             info = client.model_info()
         except grpc.RpcError as exc:
-            print(rpc_error_message(exc, opts.target), file=sys.stderr)
+            print(rpc_error_message(exc, conn.target), file=sys.stderr)
             return 1
         completer = NextWordCompleter(client, k=opts.k)
         print(
-            f"{info.name} ({info.cell}, {info.provider}) at {opts.target}. "
+            f"{info.name} ({info.cell}, {info.provider}) at {conn.target}. "
             "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits."
         )
         # Completion runs in a thread so a slow reply never freezes typing.

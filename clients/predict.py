@@ -15,7 +15,9 @@ import grpc
 
 from nextword.options import from_args, option, positional, switch
 
-from .client import DEFAULT_TARGET, NextWordClient, Prediction
+from .channel import CredentialsError
+from .client import Prediction
+from .connection import ConnectionOptions
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,6 @@ class PredictOptions:
         "the text typed so far: end it with a space for next words, or mid-word for completions"
     )
     k: int = option(3, "suggestions asked for")
-    target: str = option(DEFAULT_TARGET, "server HOST:PORT")
     json: bool = switch("print one JSON object")
     timeout: float = option(10.0, "seconds to wait for the answer")
 
@@ -45,6 +46,8 @@ def rpc_error_message(exc: grpc.RpcError, target: str) -> str:
         return f"error: cannot reach a nextword server at {target} ({details})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"error: {target} did not answer in time (DEADLINE_EXCEEDED: {details})"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"error: {target} refused the credentials (UNAUTHENTICATED: {details})"
     name = code.name if code is not None else "UNKNOWN"
     return f"error: {name}: {details}"
 
@@ -62,11 +65,15 @@ def format_table(pred: Prediction) -> str:
 
 def main(args: argparse.Namespace) -> int:
     opts = from_args(PredictOptions, args)
+    conn = from_args(ConnectionOptions, args)
     try:
-        with NextWordClient(opts.target, timeout=opts.timeout) as client:
+        with conn.client(timeout=opts.timeout) as client:
             pred = client.predict(opts.text, k=opts.k)
+    except CredentialsError as exc:
+        print(f"nextword predict: error: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
-        print(rpc_error_message(exc, opts.target), file=sys.stderr)
+        print(rpc_error_message(exc, conn.target), file=sys.stderr)
         return 1
     if opts.json:
         print(json.dumps(pred.to_json_dict(), ensure_ascii=False))

@@ -147,7 +147,12 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         )
     manifest = Manifest.from_dict(data)
     _check(root, manifest, verify=verify)
-    vocab = Vocab.load(root / manifest.vocab_file)
+    try:
+        vocab = Vocab.load(root / manifest.vocab_file)
+    except (ValueError, OSError) as exc:  # ValueError: bad UTF-8 too; a checksum cannot vouch for content
+        raise BundleError(
+            f"{root}: {manifest.vocab_file} is not a usable vocabulary ({exc}); re-export the bundle"
+        ) from exc
     if len(vocab) != manifest.vocab_size:
         raise BundleError(f"{root}: vocab.txt has {len(vocab)} entries, manifest says {manifest.vocab_size}")
     return Bundle(root, manifest, vocab)

@@ -37,26 +37,32 @@ class Command:
 
 
 _TRAIN = ("torch", "onnx")
+_CONNECTION = "nextword.clients.connection:ConnectionOptions"  # target, TLS, token: every client command
 COMMANDS = {
     "serve": Command(
         "serve a model bundle over gRPC",
         "nextword.server.main:main",
         ("nextword.server.config:ServerConfig",),
     ),
+    "token": Command(
+        "make a bearer token for serve's --tokens-file (printed once; the file keeps its digest)",
+        "nextword.server.tokens:main",
+        ("nextword.server.tokens:TokenOptions",),
+    ),
     "predict": Command(
         "ask a running server for next-word suggestions (end the text with a space) or completions",
         "nextword.clients.predict:main",
-        ("nextword.clients.predict:PredictOptions",),
+        ("nextword.clients.predict:PredictOptions", _CONNECTION),
     ),
     "complete": Command(
         "interactive autocomplete in the terminal against a running server",
         "nextword.clients.autocomplete:main",
-        ("nextword.clients.autocomplete:CompleteOptions",),
+        ("nextword.clients.autocomplete:CompleteOptions", _CONNECTION),
     ),
     "loadtest": Command(
         "many concurrent sessions against a running server: words/s and latency percentiles",
         "nextword.clients.loadtest.cli:main",
-        ("nextword.clients.loadtest.cli:LoadTestOptions",),
+        ("nextword.clients.loadtest.cli:LoadTestOptions", _CONNECTION),
     ),
     "eval": Command(
         "perplexity, top-1/top-3 accuracy and keystroke savings (--ksr) of a bundle on a text file",

@@ -2,14 +2,29 @@
 
 Callers await ``advance``/``peek`` naming the state slot to read (``server/state.py``)
 and, for a step, the slot to write the new state into (or ``DISCARD``). A single
-worker task takes the first waiting request, waits up to ``max_delay`` for
-others, groups them (a step group needs one sequence length: padding would run
-pad tokens through the recurrent state and corrupt it; head calls always
-group), gathers the group's states from the pool with one ``np.take`` per state
-tensor, runs one graph call in a one-thread executor (onnxruntime releases the
-GIL, so the event loop keeps serving), and scatters the new states back with
-one indexed write per tensor. While a call runs, new requests queue up, so
-batches grow with load on their own.
+worker task groups waiting requests (a step group needs one sequence length:
+padding would run pad tokens through the recurrent state and corrupt it; head
+calls always group), gathers the group's states from the pool with one
+``np.take`` per state tensor, runs one graph call in a one-thread executor
+(onnxruntime releases the GIL, so the event loop keeps serving), and scatters
+the new states back with one indexed write per tensor. While a call runs, new
+requests queue up, so batches grow with load on their own.
+
+Two queues, so that one user's paste cannot hold the model for long:
+
+* *interactive*: head calls and steps of at most ``chunk_tokens`` tokens (a
+  word or a few typed at a time), run together, up to ``max_batch`` of them;
+* *prefill*: a longer step runs as chunks of ``chunk_tokens`` tokens, one after
+  the other (each reads the state the previous one wrote). Chunks of different
+  requests share a call, at most ``prefill_call_tokens`` tokens of them.
+
+The worker alternates: every interactive request waiting, then one prefill
+call. A typed word therefore waits for at most one bounded prefill call, never
+for a whole paste, and call shapes stay bounded, so onnxruntime's memory arena
+does too. Only a request's last chunk is ranked; the earlier ones write into
+one slot of their own (the request's destination, or a private slot when
+nobody keeps the state), which is safe because a call gathers its states
+before it scatters the new ones.
 
 Gather and scatter run on the event-loop thread: the pool may grow (reallocate)
 there when a session needs a slot, so its arrays are only touched from that
@@ -20,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +52,10 @@ from .state import StatePool
 T = TypeVar("T")
 HEAD = -1  # group key of head calls; step calls are keyed by their sequence length
 DISCARD = -1  # destination slot of a step whose new state nobody keeps
+
+
+def _ignore(tokens: int) -> None:
+    pass
 
 
 @dataclass(eq=False)
@@ -58,13 +78,21 @@ class Batcher:
         *,
         max_batch: int,  # ServerConfig.max_batch
         max_delay: float,  # seconds: ServerConfig.max_delay_ms / 1000
+        chunk_tokens: int = 16,  # ServerConfig.prefill_chunk_tokens
+        prefill_call_tokens: int = 64,  # ServerConfig.prefill_call_tokens
     ) -> None:
+        if chunk_tokens < 1 or prefill_call_tokens < chunk_tokens:
+            raise ValueError("need 1 <= chunk_tokens <= prefill_call_tokens")
         self._lm = lm
         self._pool = pool
         self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._chunk = chunk_tokens
+        self._prefill_call_tokens = prefill_call_tokens
+        self._interactive: deque[_Request] = deque()
+        self._prefill: deque[_Request] = deque()
+        self._work = asyncio.Event()  # set while either queue may hold something
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
@@ -80,42 +108,111 @@ class Batcher:
             await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    async def advance(self, tokens: Sequence[int], src: int, dst: int, *, whole_distribution: bool) -> Scores:
-        """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores."""
+    async def advance(
+        self,
+        tokens: Sequence[int],
+        src: int,
+        dst: int,
+        *,
+        whole_distribution: bool,
+        progress: Callable[[int], None] = _ignore,
+    ) -> Scores:
+        """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores.
+
+        ``progress`` is told how many tokens each finished call ran (the server's in-flight count).
+        """
         if not tokens:
             raise ValueError("advance needs at least one token")
-        return await self._submit(len(tokens), tokens, src, dst, whole_distribution)
+        if len(tokens) <= self._chunk:
+            scores = await self._submit(self._interactive, len(tokens), tokens, src, dst, whole_distribution)
+            progress(len(tokens))
+            return scores
+        return await self._prefill_chunks(tokens, src, dst, whole_distribution, progress)
 
     async def peek(self, src: int, *, whole_distribution: bool) -> Scores:
         """The next word's scores read from the state in slot ``src``, which stays as it is."""
-        return await self._submit(HEAD, (), src, DISCARD, whole_distribution)
+        return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution)
+
+    async def _prefill_chunks(
+        self,
+        tokens: Sequence[int],
+        src: int,
+        dst: int,
+        whole_distribution: bool,
+        progress: Callable[[int], None],
+    ) -> Scores:
+        """Run a long step as chunks, each from the state the previous one left; rank the last only."""
+        # Intermediate states need a slot even when nobody keeps the final one (a one-shot Predict).
+        work = self._pool.alloc() if dst == DISCARD else dst
+        try:
+            size = self._chunk
+            for start in range(0, len(tokens) - size, size):
+                chunk = tokens[start : start + size]
+                await self._submit(self._prefill, size, chunk, src, work, False)
+                progress(size)
+                src = work
+            last = tokens[(len(tokens) - 1) // size * size :]
+            scores = await self._submit(self._prefill, len(last), last, src, dst, whole_distribution)
+            progress(len(last))
+            return scores
+        finally:
+            if dst == DISCARD:
+                self._pool.free(work)
 
     async def _submit(
-        self, key: int, tokens: Sequence[int], src: int, dst: int, whole_distribution: bool
+        self,
+        queue: deque[_Request],
+        key: int,
+        tokens: Sequence[int],
+        src: int,
+        dst: int,
+        whole_distribution: bool,
     ) -> Scores:
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Request(key, tokens, src, dst, whole_distribution, future))
+        queue.append(_Request(key, tokens, src, dst, whole_distribution, future))
+        self._work.set()
         return await future
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            self._drain(batch)
-            # Wait for company only under load (the last call was shared): a lone stream's
-            # step runs at once instead of paying max_delay for batch-mates that never come.
-            if self._last_batch > 1 and len(batch) < self._max_batch and self._max_delay > 0:
-                await asyncio.sleep(self._max_delay)
-                self._drain(batch)
-            self._last_batch = len(batch)
-            groups: dict[int, list[_Request]] = {}
-            for request in batch:
-                groups.setdefault(request.key, []).append(request)
-            for key, group in groups.items():
-                await self._run_group(key, group)
+            await self._work.wait()
+            if self._interactive:
+                await self._run_interactive()
+            if self._prefill:
+                await self._run_prefill()
+            if not self._interactive and not self._prefill:
+                self._work.clear()
 
-    def _drain(self, batch: list[_Request]) -> None:
-        while len(batch) < self._max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+    async def _run_interactive(self) -> None:
+        """Every interactive request waiting (up to ``max_batch``), one call per group."""
+        batch = self._take_interactive([])
+        # Wait for company only under load (the last call was shared): a lone stream's
+        # step runs at once instead of paying max_delay for batch-mates that never come.
+        if self._last_batch > 1 and len(batch) < self._max_batch and self._max_delay > 0:
+            await asyncio.sleep(self._max_delay)
+            self._take_interactive(batch)
+        self._last_batch = len(batch)
+        groups: dict[int, list[_Request]] = {}
+        for request in batch:
+            groups.setdefault(request.key, []).append(request)
+        for key, group in groups.items():
+            await self._run_group(key, group)
+
+    def _take_interactive(self, batch: list[_Request]) -> list[_Request]:
+        while len(batch) < self._max_batch and self._interactive:
+            batch.append(self._interactive.popleft())
+        return batch
+
+    async def _run_prefill(self) -> None:
+        """One call of chunks: the oldest chunk's length, with as many more as the token bound allows."""
+        key = self._prefill[0].key
+        rows = max(1, min(self._max_batch, self._prefill_call_tokens // key))
+        group: list[_Request] = []
+        rest: deque[_Request] = deque()
+        for request in self._prefill:
+            (group if request.key == key and len(group) < rows else rest).append(request)
+        self._prefill = rest
+        await self._run_group(key, group)
 
     async def _run_group(self, key: int, group: list[_Request]) -> None:
         # A caller that went away (its RPC was cancelled) needs no answer; its slot is freed by it.
@@ -147,7 +244,9 @@ class Batcher:
         else:
             tokens = np.array([r.tokens for r in group], dtype=np.int64)
             ranked = await self._call("step", self._lm.step_ranked, tokens, state, whole_distribution=whole)
-            dst = np.fromiter((r.dst for r in group), dtype=np.intp, count=n)
+            # A caller cancelled while the graph ran has freed its slot (maybe already handed to
+            # another session): its new state must not land there.
+            dst = np.fromiter((DISCARD if r.future.done() else r.dst for r in group), dtype=np.intp, count=n)
             keep = dst != DISCARD
             self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
             self._metrics.words.inc(n * key)

@@ -23,10 +23,14 @@ class ServerConfig:
     )
     max_sessions: int = option(100_000, "sessions held at once; the least recently used idle one makes room")
     session_ttl: float = option(600.0, "seconds a session with no stream attached is kept for a resume")
-    max_text_chars: int = option(4096, "longest text accepted in one request, and longest unfinished word")
+    max_text_chars: int = option(
+        4096, "longest text accepted in one request, in characters as sent (cost is counted in tokens)"
+    )
     max_k: int = option(50, "most suggestions one request may ask for")
     default_k: int = option(3, "suggestions given when a request does not say", cli=False)
-    grace: float = option(10.0, "seconds open streams may finish after SIGTERM")
+    grace: float = option(
+        10.0, "seconds requests in progress may take after SIGTERM (streams then end, clients resume)"
+    )
     threads: int = option(0, "onnxruntime intra-op threads (0: its default)")
     max_batch: int = option(64, "most session steps run in one onnxruntime call")
     max_delay_ms: float = option(
@@ -55,15 +59,20 @@ class ServerConfig:
         100, "longest unfinished word a session may hold, in characters after normalisation"
     )
     max_inflight_tokens: int = option(
-        32768, "model tokens queued or running on the whole server; past it requests get RESOURCE_EXHAUSTED"
+        65536, "model tokens queued or running on the whole server; past it requests get RESOURCE_EXHAUSTED"
     )
     prefill_chunk_tokens: int = option(
         16, "a long request runs in chunks of this many tokens between others' steps"
     )
+    prefill_call_tokens: int = option(
+        64, "most tokens of long requests' chunks run in one onnxruntime call (a typed word waits for one)"
+    )
 
     # ---- connections and streams (grpc core settings; server/app.py)
     max_concurrent_rpcs: int = option(10_000, "calls and streams open at once; more get RESOURCE_EXHAUSTED")
-    max_streams_per_connection: int = option(100, "concurrent streams one HTTP/2 connection may open")
+    # Not HTTP/2's customary 100: the load tester and proxies carry hundreds of sessions on one
+    # connection, and streams opened before the client has the limit are refused (UNAVAILABLE).
+    max_streams_per_connection: int = option(1000, "concurrent streams one HTTP/2 connection may open")
     idle_stream_timeout: float = option(
         300.0, "seconds a stream may wait for its next message (also bounds a half-written one)"
     )
@@ -96,3 +105,46 @@ class ServerConfig:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0:
             raise ValueError("need --max-batch >= 1 and --max-delay-ms >= 0")
+        self._check_network()
+        self._check_cost()
+
+    def _check_cost(self) -> None:
+        """The limits counted in model tokens (server/admission.py, server/batcher.py)."""
+        sizes = {
+            "--max-request-tokens": self.max_request_tokens,
+            "--max-word-chars": self.max_word_chars,
+            "--prefill-chunk-tokens": self.prefill_chunk_tokens,
+        }
+        bad = [flag for flag, value in sizes.items() if value < 1]
+        if bad:
+            raise ValueError(f"invalid {', '.join(bad)}: must be at least 1")
+        if self.prefill_call_tokens < self.prefill_chunk_tokens:
+            raise ValueError("--prefill-call-tokens must be at least --prefill-chunk-tokens")
+        if self.max_inflight_tokens < self.max_request_tokens:
+            raise ValueError("--max-inflight-tokens must be at least --max-request-tokens (one must fit)")
+
+    def _check_network(self) -> None:
+        """The security and connection settings (the files themselves are read at startup)."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both, or neither for plaintext")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        positive = {
+            "--max-concurrent-rpcs": self.max_concurrent_rpcs,
+            "--max-streams-per-connection": self.max_streams_per_connection,
+            "--idle-stream-timeout": self.idle_stream_timeout,
+            "--max-connection-age": self.max_connection_age,
+            "--keepalive-time": self.keepalive_time,
+            "--keepalive-timeout": self.keepalive_timeout,
+        }
+        may_be_zero = {
+            "--connection-age-grace": self.connection_age_grace,
+            "--min-client-ping-interval": self.min_client_ping_interval,
+        }
+        bad = [flag for flag, value in positive.items() if not value > 0]
+        bad += [flag for flag, value in may_be_zero.items() if not value >= 0]
+        if bad:
+            raise ValueError(
+                f"invalid {', '.join(bad)}: must be positive "
+                "(--connection-age-grace and --min-client-ping-interval may be 0)"
+            )

@@ -34,7 +34,11 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: open streams may finish within %g s (--grace)", config.grace)
+    log.info(
+        "shutting down: health NOT_SERVING, new calls refused, session streams end after their "
+        "current reply (clients resume them); stopping within %g s (--grace)",
+        config.grace,
+    )
     await running.stop(config.grace)
     log.info("stopped")
     return 0

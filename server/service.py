@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,15 +13,35 @@ import grpc
 
 from nextword.bundle import MANIFEST, Bundle
 from nextword.ranking import Ranker
-from nextword.tokenizer import split_partial
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
+from .admission import Admission, Overloaded, Ticket, TooManyTokens, measure
 from .batcher import DISCARD, Batcher
 from .config import ServerConfig
 from .metrics import Metrics
+from .security import PRINCIPAL, public_manifest, quote
 from .session import SessionRecord, SessionTable, SessionTableFull, Stream
 from .state import INITIAL, StatePool
+
+# What a client whose stream the drain ends is told; the client library acts on it (clients/client.py).
+DRAINED = (
+    "the server is shutting down: reconnect and resume this session by its id (session_id of its "
+    "replies); if the session is gone (NOT_FOUND), start a new session and resend its text"
+)
+REFUSED_DRAINING = (
+    "the server is shutting down and takes no new calls: retry on another server, "
+    "or here once it has restarted"
+)
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Whom a refusal goes to: the RPC, and the session its client can resume on a new stream."""
+
+    method: str
+    context: grpc.aio.ServicerContext
+    session_id: str = ""
 
 
 @dataclass
@@ -53,13 +74,27 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._sessions = sessions
         self._metrics = metrics
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
+        # The budget of model tokens in flight; public so that tests can occupy it.
+        self.admission = Admission(
+            metrics,
+            budget=config.max_inflight_tokens,
+            short_tokens=config.prefill_chunk_tokens,
+            max_request_tokens=config.max_request_tokens,
+        )
         self._ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
+        if not config.expose_manifest:  # the paths and commands of the machine that made the bundle
+            self._manifest_json = public_manifest(self._manifest_json)
+        # Set by drain(): every stream waiting for its next request wakes on it and ends.
+        self._draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._open_streams = 0
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
 
     async def Session(
         self, request_iterator: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext
     ) -> None:
-        stream = Stream()
+        stream = await self._start_stream(context)
         session: SessionRecord | None = None
         try:
             while (request := await self._next(request_iterator, context, stream)) is not None:
@@ -80,18 +115,22 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         finally:
             if session is not None:
                 self._sessions.detach(session, stream)
+            self._end_stream()
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictReply:
         start = time.perf_counter()
+        await self._refuse_if_draining("Predict", context)
         await self._validate("Predict", context, request.text, request.k, request.model)
         k = request.k or self._config.default_k
-        step = await self._apply_text(INITIAL, "", 0, request.text, k, keep=False)
+        caller = _Caller("Predict", context)
+        step = await self._apply_text(caller, INITIAL, "", 0, request.text, k, keep=False)
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
         return pb.PredictReply(prediction=step.prediction)
 
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
+        await self._refuse_if_draining("GetModelInfo", context)
         m = self._bundle.manifest
         return pb.ModelInfo(
             name=m.name,
@@ -103,39 +142,86 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             max_text_chars=self._config.max_text_chars,
         )
 
+    # ---- drain ---------------------------------------------------------------
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new calls and end every Session stream; True once all have ended within ``timeout`` s.
+
+        An idle stream ends at once, a busy one right after the reply to the request it is
+        answering, both with UNAVAILABLE and ``DRAINED``, which tells the client to resume.
+        """
+        if not self._draining.done():
+            self._draining.set_result(None)
+        try:
+            await asyncio.wait_for(self._no_streams.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _start_stream(self, context: grpc.aio.ServicerContext) -> Stream:
+        await self._refuse_if_draining("Session", context)
+        self._open_streams += 1
+        self._no_streams.clear()
+        return Stream()
+
+    def _end_stream(self) -> None:
+        self._open_streams -= 1
+        if not self._open_streams:
+            self._no_streams.set()
+
+    async def _refuse_if_draining(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if self._draining.done():
+            self._metrics.refused.labels("draining").inc()
+            await self._fail(method, context, grpc.StatusCode.UNAVAILABLE, REFUSED_DRAINING)
+
     # ---- session steps -------------------------------------------------------
     async def _next(
         self, requests: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext, stream: Stream
     ) -> pb.SessionRequest | None:
-        """The next request, None when the client is done, or ABORTED if another stream took the session."""
+        """The next request, None when the client is done, or ABORTED if another stream took the session.
+
+        During a drain the stream ends instead (UNAVAILABLE): at once when it is idle, and after
+        its reply when a request was being answered. A request already read is still answered.
+        """
+        if self._draining.done():
+            await self._drained(context)
         read = asyncio.ensure_future(anext(requests, None))
         try:
-            await asyncio.wait((read, stream.superseded), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                (read, stream.superseded, self._draining),
+                timeout=self._config.idle_stream_timeout,  # also bounds a message sent half-way
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         except asyncio.CancelledError:  # the client went away: leave no read behind
             read.cancel()
             raise
         if not read.done():
             read.cancel()
-            await self._superseded(context)
+            if stream.superseded.done():
+                await self._superseded(context)
+            if not self._draining.done():
+                await self._idle(context)
+            await self._drained(context)
         return read.result()
 
     async def _open(
         self, context: grpc.aio.ServicerContext, session_id: str, stream: Stream
     ) -> SessionRecord:
+        principal = PRINCIPAL.get()
         if session_id:
-            session = self._sessions.get(session_id)
+            session = self._sessions.get(session_id, principal)
             if session is None:
+                # Another principal's session gets this same answer: no way to tell it exists.
                 await self._fail(
                     "Session",
                     context,
                     grpc.StatusCode.NOT_FOUND,
-                    f"session {session_id!r} is unknown or has expired (idle sessions are kept "
+                    f"session {quote(session_id)} is unknown or has expired (idle sessions are kept "
                     f"{self._config.session_ttl:g} s, see --session-ttl); "
                     "start a new session by sending no session_id",
                 )
         else:
             try:
-                session = self._sessions.create(self._config.default_k)
+                session = self._sessions.create(self._config.default_k, principal)
             except SessionTableFull as exc:
                 await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self._sessions.attach(session, stream)
@@ -153,19 +239,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 src, pending, context_tokens = INITIAL, "", 0
             else:
                 src, pending, context_tokens = session.slot, session.pending, session.context_tokens
-            total, limit = len(pending) + len(request.text), self._config.max_text_chars
-            if total > limit:
-                # A word typed without end would otherwise grow the context we re-tokenize without bound.
-                await self._fail(
-                    "Session",
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"this text and the unfinished word before it ({len(pending)} characters) "
-                    f"come to {total} characters, more than --max-text-chars {limit}; "
-                    "finish the word with a space, or send reset",
-                )
             k = request.k or session.k
-            step = await self._apply_text(src, pending, context_tokens, request.text, k, keep=True)
+            caller = _Caller("Session", context, session.id)
+            step = await self._apply_text(caller, src, pending, context_tokens, request.text, k, keep=True)
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
                 if step.slot != src:
@@ -184,31 +260,113 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
 
     async def _apply_text(
-        self, src: int, pending: str, context_tokens: int, text: str, k: int, *, keep: bool
+        self,
+        caller: _Caller,
+        src: int,
+        pending: str,
+        context_tokens: int,
+        text: str,
+        k: int,
+        *,
+        keep: bool,
     ) -> _Applied:
-        """Feed the complete words of ``pending + text`` in one model call; predict from the result.
+        """Feed the complete words of ``pending + text`` to the model; predict from the result.
 
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
         """
-        tokens, partial = split_partial(pending + text)
+        tokens, partial, ticket = await self._cost(caller, pending, text)
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
         slot = src
-        if tokens:
-            slot = self._pool.alloc() if keep else DISCARD
-            try:
+        try:
+            if tokens:
+                slot = self._pool.alloc() if keep else DISCARD
+                ids = self._bundle.vocab.encode(tokens)
                 scores = await self._batcher.advance(
-                    self._bundle.vocab.encode(tokens), src, slot, whole_distribution=whole
+                    ids, src, slot, whole_distribution=whole, progress=ticket.release
                 )
-            except BaseException:
-                if keep:
-                    self._pool.free(slot)
-                raise
-        else:
-            scores = await self._batcher.peek(src, whole_distribution=whole)
+            else:
+                scores = await self._batcher.peek(src, whole_distribution=whole)
+                ticket.release(1)
+        except BaseException:
+            if keep and slot != src:
+                self._pool.free(slot)
+            raise
+        finally:
+            ticket.close()
         context_tokens += len(tokens)
         prediction = self._ranker.predict(scores, partial, k, context_tokens)
         return _Applied(prediction, slot, partial, context_tokens)
+
+    async def _cost(self, caller: _Caller, pending: str, text: str) -> tuple[list[str], str, Ticket]:
+        """Tokenize within the limits, holding the request's tokens in the in-flight budget."""
+        try:  # a long text holds its estimated cost first: a busy server refuses it untokenized
+            held = self.admission.hold(text)
+        except Overloaded as exc:
+            await self._overloaded(caller, exc)
+        try:
+            tokens, partial = await self._measure(caller, pending, text, lane=held is not None)
+            cost = max(len(tokens), 1)  # a head call costs about one token
+            if held is None:
+                return tokens, partial, self.admission.admit(cost)
+            held.resize(cost)
+            return tokens, partial, held
+        except Overloaded as exc:
+            if held is not None:
+                held.close()
+            await self._overloaded(caller, exc)
+        except BaseException:  # refused or cancelled: the estimate is no longer held
+            if held is not None:
+                held.close()
+            raise
+
+    async def _measure(
+        self, caller: _Caller, pending: str, text: str, *, lane: bool
+    ) -> tuple[list[str], str]:
+        """The tokens ``pending + text`` completes and the word it leaves unfinished, within the limits."""
+        config = self._config
+        try:
+            async with self.admission.lane if lane else contextlib.nullcontext():
+                measured = await measure(
+                    pending, text, max_tokens=config.max_request_tokens, max_word_chars=config.max_word_chars
+                )
+        except TooManyTokens:
+            await self._refuse(
+                caller,
+                "request_tokens",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this request adds more than {config.max_request_tokens} tokens once normalised "
+                "(--max-request-tokens; a character such as U+FDFA becomes several words): "
+                "send the text in several requests",
+            )
+        if len(measured.partial) > config.max_word_chars:
+            # Bounds what a session keeps and re-reads on every keystroke; ending the word always works.
+            await self._refuse(
+                caller,
+                "word_chars",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the word this request leaves unfinished is longer than {config.max_word_chars} "
+                "characters once normalised (--max-word-chars): end it with a space or a punctuation "
+                "mark such as . or , (a word that long is read as an unknown word), or send reset",
+            )
+        return measured.tokens, measured.partial
+
+    async def _overloaded(self, caller: _Caller, exc: Overloaded) -> NoReturn:
+        # gRPC's retry design names this key: a client with a retry policy waits this long by itself.
+        caller.context.set_trailing_metadata(
+            (("grpc-retry-pushback-ms", str(max(1, round(exc.retry_after * 1000)))),)
+        )
+        await self._refuse(caller, "inflight", grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def _refuse(self, caller: _Caller, reason: str, code: grpc.StatusCode, message: str) -> NoReturn:
+        """Fail the call for a limit of this server, counted in ``nextword_refused{reason}``."""
+        self._metrics.refused.labels(reason).inc()
+        if caller.session_id:  # the error ends the stream, not the session
+            message += (
+                f" (this stream is closed; the session is kept: resume it on a new stream "
+                f"with session_id {caller.session_id})"
+            )
+        await self._fail(caller.method, caller.context, code, message)
 
     # ---- errors --------------------------------------------------------------
     async def _validate(
@@ -220,10 +378,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 method,
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"model {model!r} is not served here; this server serves {name!r} "
+                f"model {quote(model)} is not served here; this server serves {name!r} "
                 "(leave model empty for the default)",
             )
         if len(text) > config.max_text_chars:
+            self._metrics.refused.labels("text_chars").inc()
             await self._fail(
                 method,
                 context,
@@ -232,12 +391,29 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 f"({config.max_text_chars}, see --max-text-chars); send it in several requests",
             )
         if k > config.max_k:
+            self._metrics.refused.labels("k").inc()
             await self._fail(
                 method,
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"k={k} is more than this server's maximum of {config.max_k} (see --max-k)",
             )
+
+    async def _drained(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        # Not an error of the request (none is lost), so not counted in nextword_errors.
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINED)
+
+    async def _idle(self, context: grpc.aio.ServicerContext) -> NoReturn:
+        # A stream holds a connection slot and a task: one silent for this long is let go.
+        self._metrics.refused.labels("idle_stream").inc()
+        await self._fail(
+            "Session",
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            f"no request on this stream for {self._config.idle_stream_timeout:g} s "
+            "(--idle-stream-timeout): it is closed, the session is kept; resume it on a new stream "
+            "by sending its id as session_id",
+        )
 
     async def _superseded(self, context: grpc.aio.ServicerContext) -> NoReturn:
         await self._fail("Session", context, grpc.StatusCode.ABORTED, "session resumed by another stream")

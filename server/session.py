@@ -33,6 +33,7 @@ class Stream:
 class SessionRecord:
     id: str
     k: int
+    principal: str  # who opened it; only they may resume it (server/security.py)
     slot: int = INITIAL  # where its recurrent state is in the server's StatePool
     pending: str = ""  # the partial word typed so far, normalised
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
@@ -61,8 +62,8 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, k: int) -> SessionRecord:
-        """A new session; makes room by evicting the least recently used idle one."""
+    def create(self, k: int, principal: str) -> SessionRecord:
+        """A new session of ``principal``; makes room by evicting the least recently used idle one."""
         if len(self._sessions) >= self.max_sessions:
             self.expire()
         if len(self._sessions) >= self.max_sessions:
@@ -73,14 +74,18 @@ class SessionTable:
                     "close idle streams or raise --max-sessions"
                 )
             self._drop(victim)
-        session = SessionRecord(secrets.token_hex(16), k, last_used=self._clock())
+        session = SessionRecord(secrets.token_hex(16), k, principal, last_used=self._clock())
         self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str) -> SessionRecord | None:
-        """The session, or None if unknown, evicted or expired (expired ones are dropped now)."""
+    def get(self, session_id: str, principal: str) -> SessionRecord | None:
+        """``principal``'s session, or None if unknown, evicted, expired (dropped now) or another's.
+
+        Another principal's session looks exactly like an unknown id to the caller, and is left
+        untouched: a stranger learns nothing about it and cannot keep it alive.
+        """
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.principal != principal:
             return None
         if session.stream is None and self._expired(session, self._clock()):
             self._drop(session)

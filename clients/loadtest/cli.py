@@ -11,7 +11,8 @@ from pathlib import Path
 
 from nextword.options import from_args, option, switch
 
-from ..client import DEFAULT_TARGET
+from ..channel import CredentialsError
+from ..connection import ConnectionOptions
 from .errors import LoadTestError
 from .processes import run_load_processes
 from .report import LoadReport, format_table
@@ -23,7 +24,6 @@ from .text import load_words
 class LoadTestOptions:
     """The options of ``nextword loadtest``."""
 
-    target: str = option(DEFAULT_TARGET, "server HOST:PORT; loopback only")
     streams: int = option(8, "concurrent sessions (one stream each)")
     duration: float | None = option(None, "seconds to run (default 10; not with --words)")
     words: int | None = option(None, "stop after this many words in all (not with --duration)")
@@ -33,14 +33,19 @@ class LoadTestOptions:
     k: int = option(3, "suggestions asked for")
     procs: int = option(1, "client processes the streams are spread over")
     json: bool = switch("print one JSON object")
-    allow_remote: bool = switch("allow a target that is not loopback")
+    allow_remote: bool = switch("allow a --target that is not loopback")
 
-    def spec(self) -> LoadSpec:
+    def spec(self, connection: ConnectionOptions) -> LoadSpec:
         """The load test these options ask for, with the default text (``--text`` is read later)."""
         if self.duration is not None and self.words is not None:
             raise LoadTestError("--duration and --words cannot be used together")
+        try:
+            credentials = connection.credentials()
+        except CredentialsError as exc:
+            raise LoadTestError(str(exc)) from exc
         return LoadSpec(
-            target=self.target,
+            target=connection.target,
+            credentials=credentials,
             streams=self.streams,
             duration=self.duration,
             words=self.words,
@@ -52,12 +57,11 @@ class LoadTestOptions:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``nextword loadtest``: 0 after a run, 1 when nothing could be measured, 2 for a refused target.
-
-    Also 2 for options that cannot run, and 130 when interrupted.
+    """``nextword loadtest``: 0 when every request was answered, 1 when any failed or nothing could be
+    measured, 2 for a refused target or options that cannot run, 130 when interrupted.
     """
     opts = from_args(LoadTestOptions, args)
-    spec = _checked_spec(opts)
+    spec = _checked_spec(opts, from_args(ConnectionOptions, args))
     if spec is None:
         return 2
 
@@ -87,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
     return _print_report(report, as_json=opts.json)
 
 
-def _checked_spec(opts: LoadTestOptions) -> LoadSpec | None:
+def _checked_spec(opts: LoadTestOptions, connection: ConnectionOptions) -> LoadSpec | None:
     """The spec ``opts`` ask for; None, after a one-line error, for options that cannot run."""
     try:
-        spec = opts.spec()
+        spec = opts.spec(connection)
         if opts.procs < 1:
             raise LoadTestError("procs must be at least 1")
         if opts.text is not None and not opts.text.is_file():
@@ -102,9 +106,16 @@ def _checked_spec(opts: LoadTestOptions) -> LoadSpec | None:
 
 
 def _print_report(report: LoadReport, *, as_json: bool) -> int:
-    """Print ``report`` on stdout; the exit code: 1 when errors kept every word from an answer."""
+    """Print ``report`` on stdout; the exit code: 1 when any request failed (stderr says how)."""
     print(json.dumps(report.to_json_dict()) if as_json else format_table(report))
-    if report.words == 0 and report.errors:
-        print("nextword loadtest: error: no word was answered", file=sys.stderr)
-        return 1
-    return 0
+    if not report.errors:
+        return 0
+    # A run whose numbers hide failures must not pass a script or CI step that runs it.
+    by_code = ", ".join(f"{code} {n}" for code, n in sorted(report.errors.items()))
+    answered = "no word was answered" if report.words == 0 else f"{report.words} words were answered"
+    print(
+        f"nextword loadtest: error: failed requests: {report.failed_requests} ({by_code}) "
+        f"in {report.failed_streams} of {report.streams} streams; {answered}",
+        file=sys.stderr,
+    )
+    return 1

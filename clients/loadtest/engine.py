@@ -20,6 +20,7 @@ import grpc.aio
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
+from ..channel import aio_channel
 from .errors import TargetUnreachable
 from .report import LoadReport, record_latency
 from .spec import LoadSpec
@@ -103,7 +104,7 @@ class _Load:
 
     # ---- setup ---------------------------------------------------------------
     async def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.spec.target)
+        self.channel = aio_channel(self.spec.target, self.spec.credentials)
         timeout = self.spec.connect_timeout
         try:
             await asyncio.wait_for(_ready(self.channel), timeout)

@@ -39,10 +39,15 @@ class LoadReport:
     words: int
     histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
     prefill_histogram: HdrHistogram = field(default_factory=new_histogram, repr=False)
-    errors: dict[str, int] = field(default_factory=dict)  # gRPC status code name -> count
+    # Failed requests by gRPC status code name (a stream that fails counts its unanswered requests).
+    errors: dict[str, int] = field(default_factory=dict)
     error_details: dict[str, str] = field(default_factory=dict)  # code -> the first details seen
     failed_streams: int = 0
     procs: int = 1
+
+    @property
+    def failed_requests(self) -> int:
+        return sum(self.errors.values())
 
     @property
     def words_per_s(self) -> float:
@@ -67,7 +72,8 @@ class LoadReport:
             "p99_ms": _ms(h, 99),
             "max_ms": h.get_max_value() / 1000 if h.get_total_count() else 0.0,
             "mean_ms": round(h.get_mean_value() / 1000, 3) if h.get_total_count() else 0.0,
-            "errors": dict(sorted(self.errors.items())),
+            "errors": dict(sorted(self.errors.items())),  # failed requests by status code
+            "failed_requests": self.failed_requests,
             "failed_streams": self.failed_streams,
         }
         if self.error_details:
@@ -112,7 +118,7 @@ def format_table(report: LoadReport) -> str:
     """The report for a terminal: a heading, one table row, the prefill and any errors."""
     j = report.to_json_dict()
     mode = f"open loop, {report.rate:g} words/s per stream" if report.rate else "closed loop"
-    header = ("streams", "duration_s", "words", "words/s", "p50_ms", "p95_ms", "p99_ms", "max_ms", "errors")
+    header = ("streams", "duration_s", "words", "words/s", "p50_ms", "p95_ms", "p99_ms", "max_ms", "failed")
     row = (
         str(report.streams),
         f"{report.duration_s:.2f}",
@@ -122,7 +128,7 @@ def format_table(report: LoadReport) -> str:
         f"{j['p95_ms']:.3f}",
         f"{j['p99_ms']:.3f}",
         f"{j['max_ms']:.3f}",
-        str(sum(report.errors.values())),
+        str(report.failed_requests),
     )
     widths = [max(len(h), len(v)) for h, v in zip(header, row, strict=True)]
     lines = [
@@ -136,8 +142,10 @@ def format_table(report: LoadReport) -> str:
             f"prefill of {report.context_words} words: p50 {j['prefill_p50_ms']:.3f} ms, "
             f"max {j['prefill_max_ms']:.3f} ms"
         )
+    if report.errors:
+        lines.append("failed requests by status code:")
     for code, n in sorted(report.errors.items()):
-        lines.append(f"error {code}: {n} ({report.error_details.get(code, '')})")
+        lines.append(f"  {code}: {n} ({report.error_details.get(code, '')})")
     if report.failed_streams:
         lines.append(f"{report.failed_streams} of {report.streams} streams failed")
     return "\n".join(lines)

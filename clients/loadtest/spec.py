@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..channel import Credentials
 from .errors import LoadTestError
 from .target import check_target
 
@@ -36,6 +37,7 @@ class LoadSpec:
     text: tuple[str, ...] | None = field(default=None, repr=False)
     k: int = 3
     allow_remote: bool = False
+    credentials: Credentials | None = None  # TLS and bearer token (None: plaintext)
     connect_timeout: float = CONNECT_TIMEOUT_S
     reply_timeout: float = REPLY_TIMEOUT_S
 
