@@ -106,10 +106,18 @@ class SessionTable:
         self.touch(session)
 
     def detach(self, session: SessionRecord, stream: Stream) -> None:
-        """The stream ended; the session's idle time starts now (unless another stream took it)."""
+        """The stream ended; the session's idle time starts now (unless another stream took it).
+
+        A session that holds nothing yet (no word fed, nothing pending) is dropped at once:
+        resuming it would give what a new session gives, and keeping it for ``ttl`` would
+        let anyone fill the table with empty sessions by opening streams.
+        """
         if session.stream is stream:
             session.stream = None
-            self.touch(session)
+            if session.slot == INITIAL and not session.pending and not session.context_tokens:
+                self._drop(session)
+            else:
+                self.touch(session)
 
     def expire(self) -> int:
         """Drop idle sessions unused for ``ttl`` seconds; returns how many."""

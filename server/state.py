@@ -76,12 +76,16 @@ class StatePool:
         return [np.take(a, [slot], axis=ax) for a, ax in zip(self._arrays, self._axes, strict=True)]
 
     def _grow(self) -> None:
-        # Doubling keeps slot indices stable and growth amortised O(1) per session.
+        # Doubling keeps slot indices stable and growth amortised O(1) per session. The new
+        # arrays come from np.zeros (calloc): pages of slots no session has used yet cost no
+        # memory, so capacity held in reserve is not resident (free slots are handed out low first).
         old = self.capacity
-        self._arrays = [
-            np.concatenate([a, np.zeros_like(a)], axis=ax)
-            for a, ax in zip(self._arrays, self._axes, strict=True)
-        ]
+        grown = []
+        for array, axis in zip(self._arrays, self._axes, strict=True):
+            bigger = np.zeros(self._shape(array, axis, 2 * old), dtype=array.dtype)
+            bigger[(slice(None),) * axis + (slice(0, old),)] = array
+            grown.append(bigger)
+        self._arrays = grown
         self._free.extend(range(2 * old - 1, old - 1, -1))
 
     @staticmethod

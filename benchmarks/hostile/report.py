@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
+from benchmarks import results
 from benchmarks.hostile.attacks import ABOUT
 from benchmarks.hostile.reference import Comparison
 from benchmarks.hostile.runner import CLIENT_ERROR, ENDED_MID_WRITE, Outcome
@@ -242,12 +242,4 @@ def markdown(r: Report, command: str, machine: str) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace (or append) the ``## Hostile input`` section of ``path``; other sections are left alone."""
-    # Others edit this file too: read it right before writing, touch only this section.
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{body}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    results.write_section(path, SECTION, body)

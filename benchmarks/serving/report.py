@@ -6,11 +6,11 @@ import contextlib
 import math
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results
 from benchmarks.serving import ROOT
 from benchmarks.serving.goals import Row
 from benchmarks.serving.plan import BATCH_SIZES
@@ -137,13 +137,5 @@ def render(
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) the ``## Serving`` section of ``path``; other sections are left as they are."""
-    # Others edit this file too: read it right before writing, touch only our section.
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{body}"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    """Replace (or append) the ``## Serving`` section of ``path``; other sections are left alone."""
+    results.write_section(path, SECTION, body)
