@@ -43,7 +43,9 @@ def rpc_error_message(exc: grpc.RpcError, target: str) -> str:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"error: cannot reach a nextword server at {target} ({details})"
+        # A plaintext client talking to a TLS server sees only a closed socket: say what to try.
+        hint = "; if it serves TLS, add --tls or --tls-ca" if "Socket closed" in (details or "") else ""
+        return f"error: cannot reach a nextword server at {target} ({details}{hint})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"error: {target} did not answer in time (DEADLINE_EXCEEDED: {details})"
     if code == grpc.StatusCode.UNAUTHENTICATED:

@@ -450,6 +450,11 @@ async def test_client_commands_take_tls_and_a_token(
     assert "UNAUTHENTICATED" in err and err[-1] == "\n" and err.count("\n") == 1
     assert await asyncio.to_thread(cli_main, [*args, "--token-file", str(tmp_path / "none")]) == 2
     assert "--token-file" in capsys.readouterr().err
+    plaintext = ["predict", "the ", "--target", target(tls_server), "--timeout", "5"]
+    assert await asyncio.to_thread(cli_main, plaintext) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach" in err and err.count("\n") == 1
+    assert "add --tls or --tls-ca" in err  # grpc says only "Socket closed" to a plaintext client of TLS
 
     spec = LoadSpec(
         target(tls_server),
