@@ -21,12 +21,9 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks.probe import PeakRss, metric_samples, rss_bytes
 from benchmarks.serving.servers import nextword_server, running
 from nextword.bundle import DEMO_BUNDLE
 from nextword.server.config import ServerConfig
@@ -129,34 +127,11 @@ def flooder(address: str, clients: int, tokens: int, seconds: float, hammer: boo
 
 
 def rss_mb(pid: int) -> float:
-    match = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    assert match, f"no VmRSS for process {pid}"
-    return int(match.group(1)) / 1024
-
-
-class PeakRss:
-    """The highest RSS of a process, sampled every 50 ms in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, rss_mb(pid)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, rss_mb(self.pid))
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+    return rss_bytes(pid) / 2**20
 
 
 def metric(metrics_port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
-        match = re.search(rf"^{name} (\S+)$", resp.read().decode(), re.MULTILINE)
-    return float(match.group(1)) if match else float("nan")
+    return metric_samples(metrics_port, name)[0]
 
 
 def wait_idle(metrics_port: int, timeout: float = 60) -> None:
@@ -193,7 +168,7 @@ def measure(args: argparse.Namespace, serve_args: list[str]) -> dict[str, Any]:
         words = metric(metrics_port, "nextword_words_total") - words_before
         wait_idle(metrics_port)
         time.sleep(args.settle_seconds)  # what the server keeps, not what it is still releasing
-        rss_peak, rss_after = peak.stop(), rss_mb(server.pid)
+        rss_peak, rss_after = peak.stop() / 2**20, rss_mb(server.pid)
     result = _result(
         args, serve_args, idle, flooded, (rss_before, rss_peak, rss_after), json.loads(out), words
     )

@@ -381,20 +381,19 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 f"model {quote(model)} is not served here; this server serves {name!r} "
                 "(leave model empty for the default)",
             )
+        caller = _Caller(method, context, "")
         if len(text) > config.max_text_chars:
-            self._metrics.refused.labels("text_chars").inc()
-            await self._fail(
-                method,
-                context,
+            await self._refuse(
+                caller,
+                "text_chars",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text is {len(text)} characters, more than this server accepts in one request "
                 f"({config.max_text_chars}, see --max-text-chars); send it in several requests",
             )
         if k > config.max_k:
-            self._metrics.refused.labels("k").inc()
-            await self._fail(
-                method,
-                context,
+            await self._refuse(
+                caller,
+                "k",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"k={k} is more than this server's maximum of {config.max_k} (see --max-k)",
             )

@@ -21,7 +21,8 @@ from benchmarks.hostile import reference
 from benchmarks.hostile.attacks import Attack, draw
 from benchmarks.hostile.report import Report, examples, judge, markdown, render, tally, write_section
 from benchmarks.hostile.runner import fire
-from benchmarks.hostile.server import PeakRss, ServerProcess, scan_log
+from benchmarks.hostile.server import ServerProcess, scan_log
+from benchmarks.probe import PeakRss
 from benchmarks.serving import ROOT
 
 
@@ -96,7 +97,7 @@ def run(options: Options, progress: bool = False) -> Report:
 async def _attack(server: ServerProcess, attacks: list[Attack], options: Options, progress: bool) -> Report:
     before = await reference.answers(server.address)
     rss_before = server.rss()
-    peak = PeakRss(server)
+    peak = PeakRss(server.proc.pid, every=0.25)
     start = time.monotonic()
     outcomes = await fire(
         server.address,
@@ -112,7 +113,7 @@ async def _attack(server: ServerProcess, attacks: list[Attack], options: Options
     except grpc.aio.AioRpcError as exc:
         after, error = None, f"{exc.code().name}: {exc.details()}"
     health = await reference.health(server.address)
-    rss_peak = await peak.stop()
+    rss_peak = peak.stop()
     codes, by_kind = tally(outcomes)
     return Report(
         bundle=_shown(options.bundle),

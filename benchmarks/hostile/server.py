@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
+import math
 import os
 import re
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.probe import metric_samples, rss_bytes
 from benchmarks.serving import ROOT
 from benchmarks.serving.servers import SERVING
 
@@ -64,23 +64,17 @@ class ServerProcess:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
     def rss(self) -> int:
-        """Resident set size in bytes (VmRSS of /proc/PID/status)."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text(encoding="ascii", errors="replace")
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-        return int(match.group(1)) * 1024 if match else 0
+        return rss_bytes(self.proc.pid)
 
     def gauge(self, name: str) -> float | None:
         """A sample of the server's /metrics without labels, or None when it is not there."""
         if not self.metrics_port:
             return None
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                text = resp.read().decode("utf-8", errors="replace")
+            (value,) = metric_samples(self.metrics_port, name)
         except OSError:
             return None
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else None
+        return None if math.isnan(value) else value
 
     def stop(self) -> int | None:
         """SIGTERM (the server drains), then SIGKILL if it hangs; its exit status."""
@@ -92,26 +86,6 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
-
-
-class PeakRss:
-    """The highest RSS seen, sampled from the event loop while the attacks run."""
-
-    def __init__(self, server: ServerProcess, every: float = 0.25) -> None:
-        self.peak = server.rss()
-        self._server, self._every = server, every
-        self._task = asyncio.get_running_loop().create_task(self._sample())
-
-    async def _sample(self) -> None:
-        while True:
-            await asyncio.sleep(self._every)
-            self.peak = max(self.peak, self._server.rss())
-
-    async def stop(self) -> int:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self.peak = max(self.peak, self._server.rss())
-        return self.peak
 
 
 @dataclass

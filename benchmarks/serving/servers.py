@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import math
 import os
 import re
 import shlex
@@ -12,10 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from benchmarks.probe import metric_samples
 from benchmarks.serving import ROOT
 
 SERVING = re.compile(r"nextword serving .* on [\d.]+:(\d+), metrics on :(\d+)")
@@ -104,10 +103,5 @@ def floor_server(kind: str, bundle: Path, threads: int) -> Child:
 
 def batch_histogram(metrics_port: int) -> tuple[float, float]:
     """``nextword_batch_size`` (sum, count) from the server's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    values = {}
-    for name in ("nextword_batch_size_sum", "nextword_batch_size_count"):
-        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        values[name] = float(match.group(1)) if match else math.nan
-    return values["nextword_batch_size_sum"], values["nextword_batch_size_count"]
+    total, count = metric_samples(metrics_port, "nextword_batch_size_sum", "nextword_batch_size_count")
+    return total, count
