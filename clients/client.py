@@ -12,7 +12,9 @@ not come in time, a stream the server ended) are ``NextWordError``, a subclass.
 
 Restarts of the server do not reach the user of a session (rolling restarts).
 When a session's stream fails with UNAVAILABLE (a server shutting down ends
-its streams so; a lost connection looks the same) or the server ends it,
+its streams so; a lost connection looks the same), is reset on its way (a
+balancer whose backend died resets it: INTERNAL "RST_STREAM"), or the server
+ends it,
 ``send`` reconnects and answers the request anyway:
 
 * new streams, with ``wait_for_ready`` so that they wait for a restarting
@@ -186,7 +188,13 @@ def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
 
 def _reconnects_after(exc: grpc.RpcError, policy: Reconnect) -> bool:
     """Whether a failed stream is the server's or the network's doing, not the request's."""
-    return policy.attempts > 0 and _code(exc) == grpc.StatusCode.UNAVAILABLE
+    return policy.attempts > 0 and (_code(exc) == grpc.StatusCode.UNAVAILABLE or _reset_in_transit(exc))
+
+
+def _reset_in_transit(exc: grpc.RpcError) -> bool:
+    """A stream reset on its way, by a balancer whose backend died (nginx resets it so), not a status
+    a server sent: gRPC reports it as INTERNAL "Received RST_STREAM"."""
+    return _code(exc) == grpc.StatusCode.INTERNAL and "RST_STREAM" in _details(exc)
 
 
 def _retry_wait(exc: grpc.RpcError) -> float | None:

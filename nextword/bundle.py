@@ -86,6 +86,16 @@ class Manifest:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
+    @property
+    def fingerprint(self) -> str:
+        """Names these exact files (graphs, vocabulary): the name and a digest of their checksums.
+
+        A recurrent state means something only to the graphs that wrote it: a stored session
+        resumes only where the fingerprint is the same.
+        """
+        digest = hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
+        return f"{self.name}@{digest[:16]}"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         try:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -28,8 +31,17 @@ from .security import Authenticator, SecurityError, exposure_warning, server_cre
 from .service import NextWordServicer
 from .session import SessionTable
 from .state import StatePool
+from .store import Persister, StoreError, open_store
+
+if TYPE_CHECKING:
+    from .workers import WorkerStatus
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name
+# Health services of their own: a probe can ask about the store (SERVING while it answers) and,
+# under a supervisor, about the workers (SERVING while every worker is up).
+STORE_HEALTH = "nextword.SessionStore"
+WORKERS_HEALTH = "nextword.Workers"
+HEALTH_INTERVAL = 2.0  # seconds between checks of the store and the workers
 log = logging.getLogger("nextword.server")
 
 
@@ -49,8 +61,9 @@ class RunningServer:
     _server: grpc.aio.Server
     _health: health_aio.HealthServicer
     _batcher: Batcher
-    _sweeper: asyncio.Task[None]
+    _tasks: list[asyncio.Task[None]]  # the session sweeper, the health watch
     _endpoint: MetricsEndpoint | None
+    _persister: Persister | None
 
     async def drain(self, timeout: float) -> bool:
         """The first half of ``stop``: health NOT_SERVING, new calls refused, Session streams ended.
@@ -80,12 +93,55 @@ class RunningServer:
             )
         left = None if grace is None else max(0.0, grace - (loop.time() - start))
         await self._server.stop(left)
-        self._sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweeper
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._batcher.close()
+        if self._persister is not None:
+            self._persister.close()
         if self._endpoint is not None:
             self._endpoint.close()
+
+
+async def serve(
+    config: ServerConfig,
+    workers: WorkerStatus | None = None,
+    on_ready: Callable[[RunningServer], None] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT, then drain and stop; 0 after a clean shutdown.
+
+    ``workers``/``on_ready``: how a worker process tells its supervisor it serves (server/workers.py).
+    """
+    running = await start_server(config, workers)
+    m = running.bundle.manifest
+    who = "nextword" if config.worker < 0 else f"worker {config.worker} (pid {os.getpid()})"
+    log.info(
+        "%s serving %s (%s, %s) on %s:%d, metrics on :%d",
+        who,
+        m.name,
+        m.cell,
+        running.provider,
+        config.host,
+        running.port,
+        running.metrics_port,
+    )
+    if on_ready is not None:
+        on_ready(running)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info(
+        "%s shutting down: health NOT_SERVING, new calls refused, session streams end after their "
+        "current reply (clients resume them); stopping within %g s (--grace)",
+        who,
+        config.grace,
+    )
+    await running.stop(config.grace)
+    log.info("%s stopped", who)
+    return 0
 
 
 def warm_up(lm: OnnxLM, max_batch: int) -> None:
@@ -101,16 +157,21 @@ def warm_up(lm: OnnxLM, max_batch: int) -> None:
         lm.head_ranked(state, whole_distribution=True)
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
-    """Load the model and start serving; raises BundleError/StartupError with a message to act on."""
+async def start_server(config: ServerConfig, workers: WorkerStatus | None = None) -> RunningServer:
+    """Load the model and start serving; raises BundleError/StartupError with a message to act on.
+
+    ``workers``: what the supervisor says of every worker, when this process is one of them.
+    """
     auth, credentials = _security(config)  # before the model: a bad key file fails in milliseconds
-    bundle, lm = _load_model(config)
     metrics = Metrics()
+    persister = _session_store(config, metrics)
+    bundle, lm = _load_model(config)
     m = bundle.manifest
     metrics.model_info.info({"name": m.name, "cell": m.cell, "provider": lm.provider})
     pool = StatePool(m.state, lm.start_state())
     sessions = SessionTable(config.max_sessions, config.session_ttl, on_drop=lambda s: pool.free(s.slot))
     metrics.active_sessions.set_function(lambda: len(sessions))
+    metrics.max_sessions.set(config.max_sessions)
     batcher = Batcher(
         lm,
         pool,
@@ -119,6 +180,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         max_delay=config.max_delay_ms / 1000,
         chunk_tokens=config.prefill_chunk_tokens,
         prefill_call_tokens=config.prefill_call_tokens,
+        persister=persister,
     )
     servicer = NextWordServicer(
         config=config,
@@ -128,12 +190,16 @@ async def start_server(config: ServerConfig) -> RunningServer:
         batcher=batcher,
         sessions=sessions,
         metrics=metrics,
+        persister=persister,
     )
     guard = Guard(metrics, auth, config.max_message_bytes)
     server, health_servicer, port = await _grpc_server(config, servicer, guard, credentials)
     endpoint = _metrics_endpoint(config, metrics)
     batcher.start()
-    sweeper = asyncio.get_running_loop().create_task(sessions.sweep_forever(), name="session-sweeper")
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(sessions.sweep_forever(), name="session-sweeper")]
+    if persister is not None or workers is not None:
+        tasks.append(loop.create_task(_watch_health(health_servicer, persister, workers), name="health"))
     await server.start()
     return RunningServer(
         config,
@@ -146,9 +212,40 @@ async def start_server(config: ServerConfig) -> RunningServer:
         server,
         health_servicer,
         batcher,
-        sweeper,
+        tasks,
         endpoint,
+        persister,
     )
+
+
+def _session_store(config: ServerConfig, metrics: Metrics) -> Persister | None:
+    spec = config.store_spec
+    if spec == "embedded":
+        raise StartupError(
+            "--session-store embedded is the file the workers of one server share (--workers 2 or "
+            "more); for one process give sqlite:///PATH (sessions outlive restarts) or none"
+        )
+    try:
+        store = open_store(spec)
+        if store is not None:
+            store.ping()
+    except StoreError as exc:
+        raise StartupError(f"{exc} (see --session-store)") from exc
+    return None if store is None else Persister(store, metrics, config.session_ttl)
+
+
+async def _watch_health(
+    health: health_aio.HealthServicer, persister: Persister | None, workers: WorkerStatus | None
+) -> None:
+    """Keep the store's and the workers' health services current (balancers and probes read them)."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    while True:
+        if persister is not None:
+            up = await persister.run(persister.check)
+            await health.set(STORE_HEALTH, serving if up else not_serving)
+        if workers is not None:
+            await health.set(WORKERS_HEALTH, serving if workers.all_up() else not_serving)
+        await asyncio.sleep(HEALTH_INTERVAL)
 
 
 def _load_model(config: ServerConfig) -> tuple[Bundle, OnnxLM]:
@@ -188,8 +285,9 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # normal return then fails to send a status: a traceback in the log for a call that was
         # answered. Keeping core's limit well above ours leaves that to messages past it.
         ("grpc.max_receive_message_length", config.max_message_bytes * CORE_MESSAGE_FACTOR),
-        # gRPC's default SO_REUSEPORT lets a second server share a busy port and split its traffic.
-        ("grpc.so_reuseport", 0),
+        # gRPC's default SO_REUSEPORT lets a second server share a busy port and split its traffic:
+        # only the workers of one supervisor share theirs (it holds the port for them).
+        ("grpc.so_reuseport", int(config.reuse_port)),
         # One client connection cannot hold more than its share of streams.
         ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         # Connections are asked to go away now and then, so clients spread over new replicas;
@@ -255,8 +353,10 @@ def _metrics_endpoint(config: ServerConfig, metrics: Metrics) -> MetricsEndpoint
     if not config.metrics_port:
         return None
     port = 0 if config.metrics_port == ANY_FREE_PORT else config.metrics_port
+    # A worker's own /metrics is for its supervisor only, which serves them all on one port.
+    host = "127.0.0.1" if config.worker >= 0 else config.host
     try:
-        return MetricsEndpoint(metrics, config.host, port)
+        return MetricsEndpoint(metrics.registry, host, port)
     except OSError as exc:
         raise StartupError(
             f"cannot serve metrics on {config.host}:{port} ({exc}); see --metrics-port (0: off)"

@@ -29,6 +29,12 @@ before it scatters the new ones.
 Gather and scatter run on the event-loop thread: the pool may grow (reallocate)
 there when a session needs a slot, so its arrays are only touched from that
 thread.
+
+With a session store (``server/store.py``) a request may carry its session's
+record: the model thread writes the records of a call, with their new states,
+in one store operation right after the graph ran and before any reply goes out.
+A record the store refuses (another stream claimed the session) fails its
+request with ``SessionTaken``; a store that is down fails nothing.
 """
 
 from __future__ import annotations
@@ -38,8 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -48,14 +53,18 @@ from nextword.runtime import OnnxLM, Ranked
 
 from .metrics import Metrics
 from .state import StatePool
+from .store import Persister, Record
 
-T = TypeVar("T")
 HEAD = -1  # group key of head calls; step calls are keyed by their sequence length
 DISCARD = -1  # destination slot of a step whose new state nobody keeps
 
 
 def _ignore(tokens: int) -> None:
     pass
+
+
+class SessionTaken(Exception):
+    """The store refused a step's record: another stream claimed its session meanwhile."""
 
 
 @dataclass(eq=False)
@@ -66,6 +75,7 @@ class _Request:
     dst: int
     whole_distribution: bool
     future: asyncio.Future[Scores] = field(repr=False)
+    record: Record | None = None  # stored with the new state before the reply (its state filled in)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -80,6 +90,7 @@ class Batcher:
         max_delay: float,  # seconds: ServerConfig.max_delay_ms / 1000
         chunk_tokens: int = 16,  # ServerConfig.prefill_chunk_tokens
         prefill_call_tokens: int = 64,  # ServerConfig.prefill_call_tokens
+        persister: Persister | None = None,  # the session store, if the server has one
     ) -> None:
         if chunk_tokens < 1 or prefill_call_tokens < chunk_tokens:
             raise ValueError("need 1 <= chunk_tokens <= prefill_call_tokens")
@@ -90,6 +101,7 @@ class Batcher:
         self._max_delay = max_delay
         self._chunk = chunk_tokens
         self._prefill_call_tokens = prefill_call_tokens
+        self._persister = persister
         self._interactive: deque[_Request] = deque()
         self._prefill: deque[_Request] = deque()
         self._work = asyncio.Event()  # set while either queue may hold something
@@ -116,22 +128,29 @@ class Batcher:
         *,
         whole_distribution: bool,
         progress: Callable[[int], None] = _ignore,
+        record: Record | None = None,
     ) -> Scores:
         """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores.
 
         ``progress`` is told how many tokens each finished call ran (the server's in-flight count).
+        ``record`` is stored with the new state before this returns (raises SessionTaken if refused).
         """
         if not tokens:
             raise ValueError("advance needs at least one token")
         if len(tokens) <= self._chunk:
-            scores = await self._submit(self._interactive, len(tokens), tokens, src, dst, whole_distribution)
+            scores = await self._submit(
+                self._interactive, len(tokens), tokens, src, dst, whole_distribution, record
+            )
             progress(len(tokens))
             return scores
-        return await self._prefill_chunks(tokens, src, dst, whole_distribution, progress)
+        return await self._prefill_chunks(tokens, src, dst, whole_distribution, progress, record)
 
-    async def peek(self, src: int, *, whole_distribution: bool) -> Scores:
-        """The next word's scores read from the state in slot ``src``, which stays as it is."""
-        return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution)
+    async def peek(self, src: int, *, whole_distribution: bool, record: Record | None = None) -> Scores:
+        """The next word's scores read from the state in slot ``src``, which stays as it is.
+
+        ``record`` is stored with that state before this returns (raises SessionTaken if refused).
+        """
+        return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution, record)
 
     async def _prefill_chunks(
         self,
@@ -140,6 +159,7 @@ class Batcher:
         dst: int,
         whole_distribution: bool,
         progress: Callable[[int], None],
+        record: Record | None,
     ) -> Scores:
         """Run a long step as chunks, each from the state the previous one left; rank the last only."""
         # Intermediate states need a slot even when nobody keeps the final one (a one-shot Predict).
@@ -152,7 +172,7 @@ class Batcher:
                 progress(size)
                 src = work
             last = tokens[(len(tokens) - 1) // size * size :]
-            scores = await self._submit(self._prefill, len(last), last, src, dst, whole_distribution)
+            scores = await self._submit(self._prefill, len(last), last, src, dst, whole_distribution, record)
             progress(len(last))
             return scores
         finally:
@@ -167,9 +187,10 @@ class Batcher:
         src: int,
         dst: int,
         whole_distribution: bool,
+        record: Record | None = None,
     ) -> Scores:
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
-        queue.append(_Request(key, tokens, src, dst, whole_distribution, future))
+        queue.append(_Request(key, tokens, src, dst, whole_distribution, future, record))
         self._work.set()
         return await future
 
@@ -231,26 +252,38 @@ class Batcher:
             return
         self._metrics.batch_size.observe(len(group))
         for r, answer in zip(group, answers, strict=True):
-            if not r.future.done():
+            if r.future.done():
+                continue
+            if isinstance(answer, SessionTaken):
+                r.future.set_exception(answer)
+            else:
                 r.future.set_result(answer)
 
-    async def _compute(self, key: int, group: list[_Request]) -> list[Scores]:
-        """One graph call for the group: gather its states, run, scatter the new states."""
+    async def _compute(self, key: int, group: list[_Request]) -> list[Scores | SessionTaken]:
+        """One graph call for the group: gather its states, run, store records, scatter the new states."""
         n = len(group)
         state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
         whole = any(r.whole_distribution for r in group)
         if key == HEAD:
-            ranked = await self._call("head", self._lm.head_ranked, state, whole_distribution=whole)
+            ranked, stored = await self._call(
+                "head", group, lambda: self._lm.head_ranked(state, whole_distribution=whole), state
+            )
         else:
             tokens = np.array([r.tokens for r in group], dtype=np.int64)
-            ranked = await self._call("step", self._lm.step_ranked, tokens, state, whole_distribution=whole)
+            ranked, stored = await self._call(
+                "step", group, lambda: self._lm.step_ranked(tokens, state, whole_distribution=whole)
+            )
             # A caller cancelled while the graph ran has freed its slot (maybe already handed to
             # another session): its new state must not land there.
             dst = np.fromiter((DISCARD if r.future.done() else r.dst for r in group), dtype=np.intp, count=n)
             keep = dst != DISCARD
             self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
             self._metrics.words.inc(n * key)
-        return [self._scores(ranked, b, r.whole_distribution) for b, r in enumerate(group)]
+        taken = SessionTaken()
+        return [
+            taken if stored and stored[b] is False else self._scores(ranked, b, r.whole_distribution)
+            for b, r in enumerate(group)
+        ]
 
     @staticmethod
     def _scores(ranked: Ranked, b: int, whole_distribution: bool) -> Scores:
@@ -260,15 +293,38 @@ class Batcher:
             ranked.log_probs[b] if whole_distribution and ranked.log_probs is not None else None,
         )
 
-    async def _call(self, graph: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on the model thread, timing the graph alone (not the queueing)."""
+    async def _call(
+        self,
+        graph: str,
+        group: list[_Request],
+        fn: Callable[[], Ranked],
+        state_in: Sequence[np.ndarray] | None = None,
+    ) -> tuple[Ranked, list[bool | None] | None]:
+        """Run the graph on the model thread (timing it alone, not the queueing), then store the
+        group's records with the state they leave (``state_in`` for a head call: unchanged)."""
 
         observe = self._compute_time[graph]
 
-        def timed() -> T:
+        def timed() -> tuple[Ranked, list[bool | None] | None]:
             start = time.perf_counter()
-            result = fn(*args, **kwargs)
+            ranked = fn()
             observe(time.perf_counter() - start)
-            return result
+            return ranked, self._store(group, ranked.state if state_in is None else state_in)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+
+    def _store(self, group: list[_Request], state: Sequence[np.ndarray]) -> list[bool | None] | None:
+        """Write the group's records in one store operation; per request, whether it was stored."""
+        if self._persister is None:
+            return None
+        rows = [(b, r.record) for b, r in enumerate(group) if r.record is not None]
+        if not rows:
+            return None
+        records = [replace(record, state=self._pool.row_bytes(state, b)) for b, record in rows]
+        written = self._persister.write(records)
+        if written is None:  # the store is down: the replies go out all the same
+            return None
+        stored: list[bool | None] = [None] * len(group)
+        for (b, _), ok in zip(rows, written, strict=True):
+            stored[b] = ok
+        return stored

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,24 @@ class ServerConfig:
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
+
+    # ---- processes and where sessions live (server/workers.py, server/store.py)
+    workers: str = option(
+        "1",
+        "worker processes sharing the port, each with its own model and batcher; one /metrics for "
+        "all, a worker that dies is restarted (auto: one per core)",
+        metavar="N|auto",
+    )
+    session_store: str = option(
+        "auto",
+        "where every session is kept so it resumes on any worker or replica and outlives any "
+        "process: none, embedded (a SQLite file the workers of this machine share), sqlite:///PATH, "
+        "or redis://HOST:PORT/DB for replicas (auto: embedded with several workers, else none)",
+        metavar="STORE",
+    )
+    # Set by the supervisor for the processes it starts (server/workers.py).
+    worker: int = option(-1, "", cli=False)  # this process's worker number; -1: no supervisor
+    reuse_port: bool = option(False, "", cli=False)  # share the port with the other workers
 
     # ---- transport security and identity (server/security.py)
     tls_cert: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key)")
@@ -107,6 +126,27 @@ class ServerConfig:
             raise ValueError("need --max-batch >= 1 and --max-delay-ms >= 0")
         self._check_network()
         self._check_cost()
+        self.worker_count  # noqa: B018  # raises for a bad --workers
+
+    @property
+    def worker_count(self) -> int:
+        """How many worker processes ``--workers`` asks for (auto: the cores this process may use)."""
+        if self.workers == "auto":
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        try:
+            count = int(self.workers)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise ValueError(f"invalid --workers {self.workers!r}: a number of processes (1 or more) or auto")
+        return count
+
+    @property
+    def store_spec(self) -> str:
+        """``--session-store`` with auto resolved (embedded stays for the supervisor to place)."""
+        if self.session_store == "auto":
+            return "embedded" if self.worker_count > 1 else "none"
+        return self.session_store
 
     def _check_cost(self) -> None:
         """The limits counted in model tokens (server/admission.py, server/batcher.py)."""

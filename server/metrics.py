@@ -80,15 +80,46 @@ class Metrics:
             "Model tokens queued or running (see --max-inflight-tokens)",
             registry=reg,
         )
+        self.max_sessions = Gauge(
+            "nextword_max_sessions", "Sessions this process may hold (--max-sessions)", registry=reg
+        )
+        self._store_metrics(reg)
+
+    def _store_metrics(self, reg: CollectorRegistry) -> None:
+        """The session store's (server/store.py): every step's record is written there before its reply."""
+        self.store_up = Gauge(
+            "nextword_session_store_up",
+            "1 while the session store answers, 0 while it is down (sessions then live in this process only)",
+            ["store"],
+            registry=reg,
+        )
+        self.store_seconds = Histogram(
+            "nextword_session_store_seconds",
+            "Time of one session-store operation (write: one per model call, for its whole batch)",
+            ["op"],
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.store_errors = Counter(
+            "nextword_session_store_errors",
+            "Session-store operations that failed (the store was unreachable or refused)",
+            ["op"],
+            registry=reg,
+        )
+        self.store_conflicts = Counter(
+            "nextword_session_store_conflicts",
+            "Steps not stored because another stream (maybe on another worker or replica) took the session",
+            registry=reg,
+        )
 
 
 class MetricsEndpoint:
     """``/metrics`` over HTTP in a background thread (prometheus_client's own server)."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
         self.port: int = self._server.server_port
 
     def close(self) -> None:

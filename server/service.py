@@ -17,17 +17,22 @@ from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
 from .admission import Admission, Overloaded, Ticket, TooManyTokens, measure
-from .batcher import DISCARD, Batcher
+from .batcher import DISCARD, Batcher, SessionTaken
 from .config import ServerConfig
 from .metrics import Metrics
 from .security import PRINCIPAL, public_manifest, quote
 from .session import SessionRecord, SessionTable, SessionTableFull, Stream
 from .state import INITIAL, StatePool
+from .store import Persister, Record, StoreError
 
 # What a client whose stream the drain ends is told; the client library acts on it (clients/client.py).
 DRAINED = (
     "the server is shutting down: reconnect and resume this session by its id (session_id of its "
     "replies); if the session is gone (NOT_FOUND), start a new session and resend its text"
+)
+STORE_DOWN = (
+    "session {id} cannot be resumed here: the session store is unreachable and this process does "
+    "not hold it; start a new session and resend its text (the client library does this itself)"
 )
 REFUSED_DRAINING = (
     "the server is shutting down and takes no new calls: retry on another server, "
@@ -65,6 +70,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         batcher: Batcher,
         sessions: SessionTable,
         metrics: Metrics,
+        persister: Persister | None = None,
     ) -> None:
         self._config = config
         self._bundle = bundle
@@ -73,6 +79,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._batcher = batcher
         self._sessions = sessions
         self._metrics = metrics
+        self._persister = persister
+        self._fingerprint = bundle.manifest.fingerprint
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
         # The budget of model tokens in flight; public so that tests can occupy it.
         self.admission = Admission(
@@ -208,14 +216,15 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     ) -> SessionRecord:
         principal = PRINCIPAL.get()
         if session_id:
-            session = self._sessions.get(session_id, principal)
+            session = await self._resume(context, session_id, principal)
             if session is None:
                 # Another principal's session gets this same answer: no way to tell it exists.
                 await self._fail(
                     "Session",
                     context,
                     grpc.StatusCode.NOT_FOUND,
-                    f"session {quote(session_id)} is unknown or has expired (idle sessions are kept "
+                    f"session {quote(session_id)} is unknown, has expired or ran on another model "
+                    "(idle sessions are kept "
                     f"{self._config.session_ttl:g} s, see --session-ttl); "
                     "start a new session by sending no session_id",
                 )
@@ -226,6 +235,53 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self._sessions.attach(session, stream)
         return session
+
+    async def _resume(
+        self, context: grpc.aio.ServicerContext, session_id: str, principal: str
+    ) -> SessionRecord | None:
+        """``principal``'s session ``session_id`` from this process or the session store, or None.
+
+        With a store, the store is asked first and the session claimed (server/store.py): its
+        record is the newest unless this process holds a newer one (written while the store
+        was down). A stream of it elsewhere can no longer store steps.
+        """
+        local = self._sessions.get(session_id, principal)
+        if self._persister is None:
+            return local
+        try:
+            record = await self._persister.run(self._persister.claim, session_id)
+        except StoreError:
+            if local is None:
+                await self._fail(
+                    "Session", context, grpc.StatusCode.NOT_FOUND, STORE_DOWN.format(id=quote(session_id))
+                )
+            return local
+        if record is None:
+            return local
+        if record.principal != principal or record.model != self._fingerprint:
+            return None
+        if local is None:
+            try:
+                local = self._sessions.create(record.k, principal, session_id)
+            except SessionTableFull as exc:
+                await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        async with local.lock:  # a request of another stream still in flight finishes first
+            if local.seq < record.seq:
+                self._restore(local, record)
+            local.epoch = record.epoch
+        return local
+
+    def _restore(self, session: SessionRecord, record: Record) -> None:
+        """Make ``session`` what ``record`` says (its state into a slot of its own)."""
+        slot = self._pool.alloc()
+        try:
+            self._pool.load(slot, record.state)
+        except ValueError:  # cannot happen for one fingerprint; never load a wrong state
+            self._pool.free(slot)
+            raise
+        self._pool.free(session.slot)
+        session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
+        session.k, session.seq = record.k, record.seq
 
     async def _answer(
         self,
@@ -241,7 +297,12 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 src, pending, context_tokens = session.slot, session.pending, session.context_tokens
             k = request.k or session.k
             caller = _Caller("Session", context, session.id)
-            step = await self._apply_text(caller, src, pending, context_tokens, request.text, k, keep=True)
+            try:
+                step = await self._apply_text(
+                    caller, src, pending, context_tokens, request.text, k, keep=True, session=session
+                )
+            except SessionTaken:  # the store says another stream (maybe another process) has it now
+                await self._superseded(context)
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
                 if step.slot != src:
@@ -269,12 +330,27 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         k: int,
         *,
         keep: bool,
+        session: SessionRecord | None = None,
     ) -> _Applied:
         """Feed the complete words of ``pending + text`` to the model; predict from the result.
 
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
+        With a ``session`` and a store, its record is stored with the new state before this returns.
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
+        record = None
+        if session is not None and self._persister is not None:
+            record = Record(
+                session.id,
+                session.principal,
+                self._fingerprint,
+                k,
+                session.seq + 1,
+                context_tokens + len(tokens),
+                partial,
+                b"",  # the batcher fills in the state the step leaves
+                session.epoch,
+            )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
         slot = src
@@ -283,10 +359,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 slot = self._pool.alloc() if keep else DISCARD
                 ids = self._bundle.vocab.encode(tokens)
                 scores = await self._batcher.advance(
-                    ids, src, slot, whole_distribution=whole, progress=ticket.release
+                    ids, src, slot, whole_distribution=whole, progress=ticket.release, record=record
                 )
             else:
-                scores = await self._batcher.peek(src, whole_distribution=whole)
+                scores = await self._batcher.peek(src, whole_distribution=whole, record=record)
                 ticket.release(1)
         except BaseException:
             if keep and slot != src:

@@ -38,6 +38,7 @@ class SessionRecord:
     pending: str = ""  # the partial word typed so far, normalised
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
     seq: int = 0  # requests answered
+    epoch: int = 0  # the session store's claim this process holds it under (server/store.py)
     last_used: float = field(default_factory=time.monotonic)
     stream: Stream | None = None  # the stream attached, if any
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time
@@ -62,8 +63,11 @@ class SessionTable:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, k: int, principal: str) -> SessionRecord:
-        """A new session of ``principal``; makes room by evicting the least recently used idle one."""
+    def create(self, k: int, principal: str, session_id: str | None = None) -> SessionRecord:
+        """A new session of ``principal``; makes room by evicting the least recently used idle one.
+
+        ``session_id``: a session this process takes from the session store (it has an id already).
+        """
         if len(self._sessions) >= self.max_sessions:
             self.expire()
         if len(self._sessions) >= self.max_sessions:
@@ -74,7 +78,7 @@ class SessionTable:
                     "close idle streams or raise --max-sessions"
                 )
             self._drop(victim)
-        session = SessionRecord(secrets.token_hex(16), k, principal, last_used=self._clock())
+        session = SessionRecord(session_id or secrets.token_hex(16), k, principal, last_used=self._clock())
         self._sessions[session.id] = session
         return session
 

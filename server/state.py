@@ -71,6 +71,24 @@ class StatePool:
             # Move the batch axis first on views (no copy), then one fancy-indexed assignment.
             np.moveaxis(array, axis, 0)[slots] = np.moveaxis(value, axis, 0)[rows]
 
+    def row_bytes(self, state: Sequence[np.ndarray], row: int) -> bytes:
+        """Row ``row`` of a batch ``state`` as bytes, tensor after tensor (a stored session's state)."""
+        return b"".join(
+            np.ascontiguousarray(np.take(value, row, axis=axis)).tobytes()
+            for value, axis in zip(state, self._axes, strict=True)
+        )
+
+    def load(self, slot: int, data: bytes) -> None:
+        """Write a state stored by ``row_bytes`` into ``slot``; ValueError if its size is not this model's."""
+        if len(data) != self.slot_bytes:
+            raise ValueError(f"stored state is {len(data)} bytes, this model's is {self.slot_bytes}")
+        at = 0
+        for array, axis in zip(self._arrays, self._axes, strict=True):
+            view = np.moveaxis(array, axis, 0)[slot]
+            size = view.nbytes
+            view[...] = np.frombuffer(data, dtype=array.dtype, count=view.size, offset=at).reshape(view.shape)
+            at += size
+
     def read(self, slot: int) -> list[np.ndarray]:
         """One slot's state as a batch of one (a copy)."""
         return [np.take(a, [slot], axis=ax) for a, ax in zip(self._arrays, self._axes, strict=True)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import re
 import signal
@@ -32,12 +31,11 @@ from nextword.server.config import ServerConfig
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import serve_process
+from tests.servers import start
+from tests.typists import Typist, assert_same, pieces
 
 ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+)")
 SESSIONS = 32
-TOL = 1e-4
-MAX_TEXT = 100  # the servers' --max-text-chars: a session's text outgrows one request soon
 DRAINED = re.compile(r"shutting down: reconnect and resume this session by its id")
 REFUSED = re.compile(r"shutting down and takes no new calls")
 
@@ -50,80 +48,7 @@ def _free_port() -> int:
 
 async def _serve(bundle: Path, port: int) -> asyncio.subprocess.Process:
     """``nextword serve`` on ``port``, returned once it serves (its stderr is read again at the end)."""
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "nextword.cli", "serve", "--model", str(bundle), "--port", str(port)),
-        *("--metrics-port", "0", "--threads", "1", "--device", "cpu", "--grace", "10"),
-        *("--max-text-chars", str(MAX_TEXT)),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stderr is not None
-    log = ""
-    while READY.search(log) is None:
-        line = await asyncio.wait_for(proc.stderr.readline(), timeout=60)
-        assert line, f"nextword serve exited before serving:\n{log}"
-        log += line.decode()
-    return proc
-
-
-def _pieces(words: list[str], rng: random.Random) -> list[str]:
-    """What a user sends: some context in one request, then a word and its space at a time, now
-    and then a word in two parts."""
-    context = ""
-    while len(context) + len(words[0]) < MAX_TEXT:
-        context += words.pop(0) + " "
-    pieces = [context]
-    for word in words:
-        cut = rng.randrange(1, len(word)) if len(word) > 2 and rng.random() < 0.3 else len(word)
-        pieces += [word[:cut], word[cut:] + " "] if cut < len(word) else [word + " "]
-    return pieces
-
-
-class _Typist:
-    """One user typing through a session: every piece sent and the reply to it."""
-
-    def __init__(self, client: AsyncNextWordClient, pieces: list[str]) -> None:
-        self.client = client
-        self.pieces = pieces
-        self.typed: list[tuple[str, Prediction, bool]] = []  # (piece, its reply, sent after SIGTERM)
-        self.first_id: str | None = None
-        self.last_id: str | None = None
-        self.reconnects = 0
-
-    async def run(self, sigterm: asyncio.Event, restarted: asyncio.Event, after: int) -> None:
-        """Type until ``after`` pieces have been answered by the restarted server."""
-        answered_after = 0
-        async with self.client.session(k=3) as session:
-            for piece in self.pieces:
-                late = sigterm.is_set()
-                self.typed.append((piece, await session.send(piece), late))
-                self.first_id = self.first_id or session.session_id
-                answered_after += restarted.is_set()
-                if answered_after >= after:
-                    break
-                await asyncio.sleep(0.01)  # a fast typist, but not a flood
-            self.reconnects = session.reconnects
-            self.last_id = session.session_id
-        assert answered_after >= after, "the text ran out before the restart"
-
-    async def check(self) -> None:
-        """Every reply is the one a session that never met a restart gives the same pieces:
-        same words, same probabilities (sent late or not: both servers serve one bundle)."""
-        text = ""
-        async with self.client.session(k=3, reconnect=Reconnect(attempts=0)) as uninterrupted:
-            for piece, got, late in self.typed:
-                text += piece
-                want = await uninterrupted.send(piece)
-                _assert_same(got, want, f"after {text[-40:]!r}{' (sent after SIGTERM)' if late else ''}")
-
-
-def _assert_same(got: Prediction, want: Prediction, where: str) -> None:
-    assert (got.partial, got.context_tokens) == (want.partial, want.context_tokens), where
-    for g, w in ((got.suggestions, want.suggestions), (got.completions, want.completions)):
-        assert [s.word for s in g] == [s.word for s in w], where
-        assert [s.prob for s in g] == pytest.approx([s.prob for s in w], abs=TOL), where
+    return (await start(bundle, "--grace", "10", port=port)).proc
 
 
 @pytest.mark.slow
@@ -135,7 +60,7 @@ async def test_sessions_type_through_a_restart_without_an_error(tiny_bundle: Pat
     try:
         async with AsyncNextWordClient(f"127.0.0.1:{port}", timeout=10) as client:
             typists = [
-                _Typist(client, _pieces(words[i * 40 : i * 40 + 400], random.Random(i)))
+                Typist(client, pieces(words[i * 40 : i * 40 + 400], random.Random(i)))
                 for i in range(SESSIONS)
             ]
             sigterm, restarted = asyncio.Event(), asyncio.Event()
@@ -183,7 +108,7 @@ def test_a_sync_session_resumes_on_the_same_server_when_its_connection_is_recycl
         text = ""
         for piece, got in typed:
             text += piece
-            _assert_same(got, client.predict(text, k=3), f"after {text[-40:]!r}")
+            assert_same(got, client.predict(text, k=3), f"after {text[-40:]!r}")
 
 
 # ---------------------------------------------------------------------------- what is retried

@@ -1,0 +1,392 @@
+"""Session records, kept where every worker and replica can read them.
+
+A session is a small record: its recurrent state, the unfinished word, k, its
+owner, how many requests it has answered, and the model it runs on. The
+batcher writes the records of a whole model call in one store operation, from
+the model thread, before any of that call's replies go out (``Persister.write``):
+a reply the client holds is always in the store, so a process killed with
+SIGKILL loses no session, and one store round trip serves a whole batch.
+
+Which stream owns a session is settled by an *epoch*. Resuming a session
+*claims* it: the store adds one to its epoch and hands back the record. A write
+names the epoch its session was claimed at and is refused when the record's
+epoch has moved on, so a worker that still holds a stream of a session taken
+over elsewhere (on another worker, or another replica behind a balancer) cannot
+overwrite it: its client is told the session was resumed by another stream.
+
+Two stores:
+
+* ``SqliteStore`` (``--session-store embedded`` or ``sqlite:///PATH``): one
+  SQLite file in WAL mode shared by the workers of one machine, nothing to run.
+  Written without fsync: it survives any process dying, not the machine.
+* ``RedisStore`` (``--session-store redis://HOST:PORT/DB``): one Redis shared
+  by replicas on several machines; expiry by Redis's own TTL.
+
+When the store cannot be reached the server keeps answering (sessions live in
+its memory meanwhile), says so in health and metrics, and retries the store now
+and then; a resume it cannot serve from memory gets NOT_FOUND, and the client
+library replays the session's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import struct
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+from .metrics import Metrics
+
+T = TypeVar("T")
+
+log = logging.getLogger("nextword.server")
+
+_FORMAT = 1  # first byte of an encoded record: what a future layout is told apart by
+_HEADER = struct.Struct("<BIQQIII")  # format, k, seq, context tokens, len(principal, pending, model)
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused the operation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One session as stored. ``state`` is the recurrent state tensors' bytes in the bundle's order."""
+
+    id: str
+    principal: str
+    model: str  # Manifest.fingerprint: a session resumes only on the model it started on
+    k: int
+    seq: int
+    context_tokens: int
+    pending: str
+    state: bytes
+    epoch: int = 0  # the claim this record was written under (see the module docstring)
+
+    def encode(self) -> bytes:
+        strings = [s.encode("utf-8") for s in (self.principal, self.pending, self.model)]
+        header = _HEADER.pack(_FORMAT, self.k, self.seq, self.context_tokens, *map(len, strings))
+        return b"".join((header, *strings, self.state))
+
+    @classmethod
+    def decode(cls, session_id: str, data: bytes, epoch: int) -> Record:
+        fmt, k, seq, context_tokens, *lengths = _HEADER.unpack_from(data)
+        if fmt != _FORMAT:
+            raise StoreError(f"session record of unknown format {fmt}")
+        at, strings = _HEADER.size, []
+        for n in lengths:
+            strings.append(data[at : at + n].decode("utf-8"))
+            at += n
+        principal, pending, model = strings
+        return cls(session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch)
+
+
+class SessionStore(ABC):
+    """Where records live. Blocking calls: the server makes them off its event loop."""
+
+    kind: str  # "embedded", "sqlite" or "redis": the ``store`` label of the metrics
+
+    @abstractmethod
+    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
+        """Store ``records``, each only if its epoch is still the stored one (or it is new).
+
+        Returns, per record, whether it was written; False: another claim took the session.
+        Each record expires ``ttl`` seconds after its last write.
+        """
+
+    @abstractmethod
+    def claim(self, session_id: str, ttl: float) -> Record | None:
+        """The session's record with its epoch advanced (taking it over), or None if unknown."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise StoreError unless the store answers."""
+
+    def sweep(self) -> None:  # noqa: B027  # stores without expiry of their own override it
+        """Delete expired records (Redis expires its own)."""
+
+    def close(self) -> None:  # noqa: B027
+        """Release connections."""
+
+
+class SqliteStore(SessionStore):
+    """One SQLite file (WAL) that the workers of one machine share."""
+
+    def __init__(self, path: Path, kind: str = "sqlite") -> None:
+        self.kind = kind
+        self.path = path
+        self._lock = threading.Lock()  # one connection, used from the model and store threads
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            # WAL: readers and the writer do not block each other. synchronous=OFF: a commit is in
+            # the OS's cache when it returns, which every process sees and which outlives any of
+            # them (not a power cut). That is the durability a worker's SIGKILL needs, per step.
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS sessions "
+                "(id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL) "
+                "WITHOUT ROWID"
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the session store {path}: {exc}") from exc
+
+    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
+        expires = time.time() + ttl
+        with self._lock, _sqlite_errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                written = [
+                    self._db.execute(
+                        "INSERT INTO sessions VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                        "record = excluded.record, expires = excluded.expires, epoch = excluded.epoch "
+                        "WHERE sessions.epoch = excluded.epoch OR sessions.expires < ?",
+                        (r.id, r.epoch, expires, r.encode(), time.time()),
+                    ).rowcount
+                    == 1
+                    for r in records
+                ]
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return written
+
+    def claim(self, session_id: str, ttl: float) -> Record | None:
+        now = time.time()
+        with self._lock, _sqlite_errors():
+            row = self._db.execute(
+                "UPDATE sessions SET epoch = epoch + 1, expires = ? WHERE id = ? AND expires >= ? "
+                "RETURNING epoch, record",
+                (now + ttl, session_id, now),
+            ).fetchone()
+        return None if row is None else Record.decode(session_id, row[1], row[0])
+
+    def ping(self) -> None:
+        with self._lock, _sqlite_errors():
+            self._db.execute("SELECT 1").fetchone()
+
+    def sweep(self) -> None:
+        with self._lock, _sqlite_errors():
+            self._db.execute("DELETE FROM sessions WHERE expires < ?", (time.time(),))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@contextlib.contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"session store: {exc}") from exc
+
+
+# Every key of a batch in one script: the epoch check and the write are atomic per record, and
+# the batch is one round trip. KEYS[i] is a session; ARGV = ttl_ms, then (epoch, record) per key.
+_WRITE = """
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local epoch = ARGV[2 * i]
+  local stored = redis.call('HGET', key, 'e')
+  if (not stored) or stored == epoch then
+    redis.call('HSET', key, 'e', epoch, 'r', ARGV[2 * i + 1])
+    redis.call('PEXPIRE', key, ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local epoch = redis.call('HINCRBY', KEYS[1], 'e', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return {epoch, redis.call('HGET', KEYS[1], 'r')}
+"""
+
+
+class RedisStore(SessionStore):
+    """Records in one Redis (``redis://HOST:PORT/DB``), shared by replicas; expiry by its TTL.
+
+    One key per session, ``nextword:session:ID``, a hash of the epoch and the record.
+    The scripts touch several keys at once, so this is for one Redis (with replicas of its
+    own if wanted), not Redis Cluster.
+    """
+
+    kind = "redis"
+    PREFIX = "nextword:session:"
+
+    def __init__(self, url: str, timeout: float = 1.0) -> None:
+        import redis  # only servers that use Redis import it
+
+        self._redis_errors = (redis.RedisError, OSError)
+        # A store that hangs must not hold the model thread long: every operation is bounded.
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        )
+        self._write = self._client.register_script(_WRITE)
+        self._claim = self._client.register_script(_CLAIM)
+
+    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
+        keys = [self.PREFIX + r.id for r in records]
+        args: list[bytes | int] = [round(ttl * 1000)]
+        for r in records:
+            args += [r.epoch, r.encode()]
+        try:
+            return [bool(x) for x in self._write(keys=keys, args=args)]
+        except self._redis_errors as exc:
+            raise StoreError(f"session store: {exc}") from exc
+
+    def claim(self, session_id: str, ttl: float) -> Record | None:
+        try:
+            found = self._claim(keys=[self.PREFIX + session_id], args=[round(ttl * 1000)])
+        except self._redis_errors as exc:
+            raise StoreError(f"session store: {exc}") from exc
+        if not found:
+            return None
+        epoch, data = found
+        return Record.decode(session_id, data, int(epoch))
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except self._redis_errors as exc:
+            raise StoreError(f"session store: {exc}") from exc
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_store(spec: str) -> SessionStore | None:
+    """The store ``--session-store`` names: ``none``, ``sqlite:///PATH`` or ``redis://...``.
+
+    (``embedded`` and ``auto`` are turned into a sqlite path by whoever starts the workers.)
+    """
+    if spec == "none":
+        return None
+    url = urlparse(spec)
+    if url.scheme in ("redis", "rediss", "unix"):
+        return RedisStore(spec)
+    if url.scheme == "sqlite" and url.path:
+        return SqliteStore(Path(url.path), kind="embedded" if url.fragment == "embedded" else "sqlite")
+    raise StoreError(
+        f"--session-store {spec!r}: expected none, embedded, sqlite:///PATH or redis://HOST:PORT/DB"
+    )
+
+
+class Persister:
+    """The server's side of the store: metrics, and riding out a store that is down.
+
+    After a failure the store is left alone for ``retry_after`` seconds (doubling up to
+    ``max_retry_after``), so a store that hangs costs one bounded wait now and then,
+    not one per model call. ``up`` is what health and ``nextword_session_store_up`` say.
+    """
+
+    def __init__(
+        self,
+        store: SessionStore,
+        metrics: Metrics,
+        ttl: float,
+        *,
+        retry_after: float = 0.5,
+        max_retry_after: float = 5.0,
+    ) -> None:
+        self.store = store
+        self._metrics = metrics
+        self._ttl = ttl
+        self._up_gauge = metrics.store_up.labels(store.kind)
+        self._write_time = metrics.store_seconds.labels("write").observe
+        self._claim_time = metrics.store_seconds.labels("claim").observe
+        self._retry_min, self._retry_max = retry_after, max_retry_after
+        self._retry = retry_after
+        self._next_try = 0.0
+        self.up = True
+        self._up_gauge.set(1)
+        # Claims and health checks wait here, off the event loop (writes run on the model thread).
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """``fn(*args)`` on the store's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+        self.store.close()
+
+    def write(self, records: Sequence[Record]) -> list[bool] | None:
+        """Per record, whether it was written (False: taken by another claim); None: store down."""
+        if not records or not self._available():
+            return None
+        start = time.perf_counter()
+        try:
+            written = self.store.write(records, self._ttl)
+        except StoreError as exc:
+            self._failed("write", exc)
+            return None
+        self._write_time(time.perf_counter() - start)
+        self._ok()
+        if not all(written):
+            self._metrics.store_conflicts.inc(len(written) - sum(written))
+        return written
+
+    def claim(self, session_id: str) -> Record | None:
+        """The session's record, taken over; None if the store does not know it. Raises StoreError."""
+        if not self._available():
+            raise StoreError("the session store is down")
+        start = time.perf_counter()
+        try:
+            record = self.store.claim(session_id, self._ttl)
+        except StoreError as exc:
+            self._failed("claim", exc)
+            raise
+        self._claim_time(time.perf_counter() - start)
+        self._ok()
+        return record
+
+    def check(self) -> bool:
+        """Ping the store now (health's periodic check); whether it is up."""
+        try:
+            self.store.ping()
+            self.store.sweep()
+        except StoreError as exc:
+            self._failed("ping", exc)
+        else:
+            self._ok()
+        return self.up
+
+    def _available(self) -> bool:
+        return self.up or time.monotonic() >= self._next_try
+
+    def _ok(self) -> None:
+        if not self.up:
+            log.info("session store %s is back", self.store.kind)
+        self.up, self._retry = True, self._retry_min
+        self._up_gauge.set(1)
+
+    def _failed(self, op: str, exc: StoreError) -> None:
+        self._metrics.store_errors.labels(op).inc()
+        if self.up:
+            log.warning(
+                "session store %s is down (%s): sessions are served from this process's memory "
+                "until it is back; resumes elsewhere replay their text",
+                self.store.kind,
+                exc,
+            )
+        self.up = False
+        self._up_gauge.set(0)
+        self._next_try = time.monotonic() + self._retry
+        self._retry = min(self._retry * 2, self._retry_max)

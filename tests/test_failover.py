@@ -1,0 +1,161 @@
+"""Processes die, sessions do not: workers and replicas share the session store, so a session whose
+process is SIGKILLed continues on another, and every suggestion is what an uninterrupted session
+gives. Real servers, a real Redis and a real nginx balancer on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nextword.clients.client import AsyncNextWordClient
+from tests.servers import Server, serving
+from tests.services import nginx_grpc, redis_server
+from tests.typists import Typist, pieces
+
+STREAMS = 64
+
+
+@contextmanager
+def _redis(tmp_path: Path, store: str) -> Iterator[str]:
+    """The ``--session-store`` value: a real Redis for ``redis``, else ``store`` as it is."""
+    if store != "redis":
+        yield store
+        return
+    with redis_server(tmp_path) as redis:
+        yield redis.url
+
+
+async def _type_through(typists: list[Typist], kill: asyncio.Event, killer: Awaitable[object]) -> None:
+    """Everyone types; once all have typed a few pieces ``kill`` is set; everyone types 8 more."""
+    killed = asyncio.Event()
+    tasks = [asyncio.create_task(t.run(killed, killed, after=8)) for t in typists]
+    while min(len(t.typed) for t in typists) < 5:
+        await asyncio.sleep(0.05)
+    kill.set()
+    await killer
+    killed.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)  # no caller saw an error
+
+
+def _typists(client: AsyncNextWordClient, corpus: Path) -> list[Typist]:
+    words = (corpus / "test.txt").read_text(encoding="utf-8").split()
+    return [Typist(client, pieces(words[i * 20 : i * 20 + 300], random.Random(i))) for i in range(STREAMS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store", ["embedded", "redis"])
+async def test_a_worker_killed_with_sigkill_loses_no_session(
+    tiny_bundle: Path, tiny_corpus: Path, tmp_path: Path, store: str
+) -> None:
+    with _redis(tmp_path, store) as spec:
+        async with serving(tiny_bundle, "--workers", "2", "--session-store", spec) as server:
+            assert sorted(server.workers) == [0, 1]
+            async with AsyncNextWordClient(server.target, timeout=10) as client:
+                typists = _typists(client, tiny_corpus)
+                kill = asyncio.Event()
+                killer = asyncio.ensure_future(_kill_busiest_worker(server, kill))
+                await _type_through(typists, kill, killer)
+                victim = killer.result()
+                await asyncio.gather(*(t.check() for t in typists))
+            # One connection, so one worker held every stream: all moved, none was rebuilt.
+            assert all(t.reconnects >= 1 for t in typists)
+            assert all(t.last_id == t.first_id for t in typists), "a session was lost, not resumed"
+            await _until(lambda: server.metric("nextword_workers_alive")[""] == 2)  # restarted
+            assert server.metric("nextword_worker_restarts_total")[f'{{worker="{victim}"}}'] == 1
+    log = await server.rest_of_log()
+    assert f"worker {victim} (pid {server.workers[victim]}) died (signal 9)" in log
+    assert "Traceback" not in log
+
+
+async def _kill_busiest_worker(server: Server, kill: asyncio.Event) -> int:
+    """SIGKILL the worker holding the streams (once ``kill`` is set); its number."""
+    await kill.wait()
+    streams = server.metric("nextword_open_streams")
+    label = max(streams, key=lambda k: streams[k])
+    victim = int(label.split('worker="')[1].split('"')[0])
+    os.kill(server.workers[victim], signal.SIGKILL)
+    return victim
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_replicas_behind_nginx_lose_no_session_when_one_is_killed(
+    tiny_bundle: Path, tiny_corpus: Path, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as redis:
+        async with (
+            serving(tiny_bundle, "--session-store", redis.url) as one,
+            serving(tiny_bundle, "--session-store", redis.url) as two,
+        ):
+            with nginx_grpc(tmp_path, [one.target, two.target]) as balancer:
+                async with AsyncNextWordClient(balancer.target, timeout=10) as client:
+                    typists = _typists(client, tiny_corpus)
+                    kill = asyncio.Event()
+
+                    async def kill_one() -> None:
+                        await kill.wait()
+                        one.proc.kill()  # SIGKILL
+                        await one.proc.wait()
+
+                    await _type_through(typists, kill, asyncio.ensure_future(kill_one()))
+                    await asyncio.gather(*(t.check() for t in typists))
+                moved = [t for t in typists if t.reconnects]
+                assert moved, "no stream was on the killed replica"
+                assert all(t.last_id == t.first_id for t in typists), "a session was lost, not resumed"
+    assert "Traceback" not in await two.rest_of_log()
+
+
+@pytest.mark.slow
+async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_so(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as redis:
+        async with (
+            serving(tiny_bundle, "--session-store", redis.url) as server,
+            AsyncNextWordClient(server.target, timeout=10) as client,
+            grpc.aio.insecure_channel(server.target) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            store = health_pb2.HealthCheckRequest(service="nextword.SessionStore")
+            assert (await health.Check(store)).status == health_pb2.HealthCheckResponse.SERVING
+            async with client.session() as session:
+                before = await session.send("it is a truth universally acknowledged that a single ")
+                redis.kill()
+                during = await session.send("man ")  # served from memory
+                assert during.context_tokens == before.context_tokens + 1
+
+                async def down() -> bool:
+                    status = (await health.Check(store)).status
+                    return status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+                for _ in range(50):
+                    if await down():
+                        break
+                    await asyncio.sleep(0.2)
+                assert await down()
+                assert server.metric("nextword_session_store_up") == {'{store="redis"}': 0.0}
+                # The server as a whole still serves.
+                overall = health_pb2.HealthCheckRequest(service="")
+                assert (await health.Check(overall)).status == health_pb2.HealthCheckResponse.SERVING
+            redis.restart()
+            for _ in range(50):
+                if (await health.Check(store)).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.2)
+            assert server.metric("nextword_session_store_up") == {'{store="redis"}': 1.0}
