@@ -19,11 +19,12 @@ def rss_bytes(pid: int) -> int:
 
 
 def metric_samples(metrics_port: int, *names: str) -> tuple[float, ...]:
-    """The unlabelled samples ``names`` of the server's /metrics (NaN for one that is not there)."""
+    """The samples ``names`` of the server's /metrics, each summed over its labels (a server with
+    workers labels every sample with its worker); NaN for one that is not there."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode("utf-8", errors="replace")
-    found = (re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE) for name in names)
-    return tuple(float(m.group(1)) if m else math.nan for m in found)
+    found = (re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE) for name in names)
+    return tuple(sum(map(float, values)) if values else math.nan for values in found)
 
 
 class PeakRss:

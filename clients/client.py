@@ -289,6 +289,19 @@ class _Resumable:
         """
         return self._seq_known and int(resumed.seq) == self.seq + 2
 
+    def _behind(self, resumed: pb.SessionReply) -> bool:
+        """Whether the server resumed an older copy of the session than the replies seen here say
+        (a session store that missed steps while it was down): then it is rebuilt from its text."""
+        return self._seq_known and int(resumed.seq) <= self.seq
+
+    def _cannot_rebuild_if_text_unknown(self) -> None:
+        if not self._text_known:
+            raise NextWordError(
+                grpc.StatusCode.DATA_LOSS,
+                f"the server resumed session {self.session_id} from an older copy than this client saw, "
+                "and its earlier text is not known here to rebuild it: send a reset",
+            )
+
     def _rebuild_requests(self, text: str, reset: bool, k: int, limit: int) -> list[pb.SessionRequest]:
         """A new session with this one's context: its text in pieces of ``limit`` characters at most,
         the first with the session's k, then the request that failed."""
@@ -401,10 +414,12 @@ class SyncSession(_Resumable):
                 if _code(exc) != grpc.StatusCode.NOT_FOUND or not self._text_known:
                     raise
             else:
-                req = _request(None, text, reset, k, self._model)
-                if self._was_applied(resumed):
-                    return self._answered(req, resumed)
-                return self._answered(req, self._roundtrip(req, self._time_left(deadline)))
+                if not self._behind(resumed):
+                    req = _request(None, text, reset, k, self._model)
+                    if self._was_applied(resumed):
+                        return self._answered(req, resumed)
+                    return self._answered(req, self._roundtrip(req, self._time_left(deadline)))
+                self._cannot_rebuild_if_text_unknown()  # else rebuilt below, as if it were lost
         limit = _REPLAY_CHARS
         if self._replays(reset):
             limit = min(limit, self._client.model_info().max_text_chars)
@@ -602,10 +617,12 @@ class AsyncSession(_Resumable):
                 if _code(exc) != grpc.StatusCode.NOT_FOUND or not self._text_known:
                     raise
             else:
-                req = _request(None, text, reset, k, self._model)
-                if self._was_applied(resumed):
-                    return self._answered(req, resumed)
-                return self._answered(req, await self._roundtrip(req, self._time_left(deadline)))
+                if not self._behind(resumed):
+                    req = _request(None, text, reset, k, self._model)
+                    if self._was_applied(resumed):
+                        return self._answered(req, resumed)
+                    return self._answered(req, await self._roundtrip(req, self._time_left(deadline)))
+                self._cannot_rebuild_if_text_unknown()  # else rebuilt below, as if it were lost
         limit = _REPLAY_CHARS
         if self._replays(reset):
             limit = min(limit, (await self._client.model_info()).max_text_chars)

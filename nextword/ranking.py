@@ -41,11 +41,10 @@ class Ranker:
     def predict(self, scores: Scores, partial: str, k: int, context_tokens: int) -> pb.Prediction:
         """Suggestions from the graph's own top-k when it has enough; completions need the full row."""
         if scores.top_values is not None and scores.top_ids is not None and k <= len(scores.top_values):
-            values, ids = scores.top_values[:k], scores.top_ids[:k]
+            # One exp and one conversion for all k: per-item numpy scalars cost more than the k words.
+            probs, ids = np.exp(scores.top_values[:k]).tolist(), scores.top_ids[:k].tolist()
             words = self._words
-            suggestions = [
-                pb.Suggestion(word=words[i], prob=float(np.exp(v))) for v, i in zip(values, ids, strict=True)
-            ]
+            suggestions = [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids, probs, strict=True)]
         else:
             assert scores.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
             suggestions = self._top(scores.log_probs, self._suggestable, k)
@@ -73,4 +72,6 @@ class Ranker:
         # Partial selection first (linear), then sort only the k kept.
         keep = np.argpartition(-scores, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
         keep = keep[np.argsort(-scores[keep], kind="stable")]
-        return [pb.Suggestion(word=self._words[ids[i]], prob=float(np.exp(scores[i]))) for i in keep]
+        words = self._words
+        probs = np.exp(scores[keep]).tolist()
+        return [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids[keep].tolist(), probs, strict=True)]

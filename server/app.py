@@ -61,7 +61,7 @@ class RunningServer:
     _server: grpc.aio.Server
     _health: health_aio.HealthServicer
     _batcher: Batcher
-    _tasks: list[asyncio.Task[None]]  # the session sweeper, the health watch
+    _tasks: list[asyncio.Task[None]]  # the session and idle-stream sweepers, the health watch
     _endpoint: MetricsEndpoint | None
     _persister: Persister | None
 
@@ -196,10 +196,7 @@ async def start_server(config: ServerConfig, workers: WorkerStatus | None = None
     server, health_servicer, port = await _grpc_server(config, servicer, guard, credentials)
     endpoint = _metrics_endpoint(config, metrics)
     batcher.start()
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(sessions.sweep_forever(), name="session-sweeper")]
-    if persister is not None or workers is not None:
-        tasks.append(loop.create_task(_watch_health(health_servicer, persister, workers), name="health"))
+    tasks = _background_tasks(sessions, servicer, health_servicer, persister, workers)
     await server.start()
     return RunningServer(
         config,
@@ -216,6 +213,24 @@ async def start_server(config: ServerConfig, workers: WorkerStatus | None = None
         endpoint,
         persister,
     )
+
+
+def _background_tasks(
+    sessions: SessionTable,
+    servicer: NextWordServicer,
+    health: health_aio.HealthServicer,
+    persister: Persister | None,
+    workers: WorkerStatus | None,
+) -> list[asyncio.Task[None]]:
+    """The sweepers of idle sessions and streams, and the health watch (with a store or workers)."""
+    loop = asyncio.get_running_loop()
+    tasks = [
+        loop.create_task(sessions.sweep_forever(), name="session-sweeper"),
+        loop.create_task(servicer.end_idle_streams(), name="idle-streams"),
+    ]
+    if persister is not None or workers is not None:
+        tasks.append(loop.create_task(_watch_health(health, persister, workers), name="health"))
+    return tasks
 
 
 def _session_store(config: ServerConfig, metrics: Metrics) -> Persister | None:

@@ -108,6 +108,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
+        self._busy = False  # the worker is running calls (a lone step must not run beside them)
         # Label children looked up once, not per call.
         self._compute_time = {g: metrics.onnx_compute.labels(g).observe for g in ("step", "head")}
 
@@ -129,28 +130,33 @@ class Batcher:
         whole_distribution: bool,
         progress: Callable[[int], None] = _ignore,
         record: Record | None = None,
+        lone: bool = False,
     ) -> Scores:
         """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores.
 
         ``progress`` is told how many tokens each finished call ran (the server's in-flight count).
         ``record`` is stored with the new state before this returns (raises SessionTaken if refused).
+        ``lone``: the caller is the only one who could share a call now (one stream open): a step that
+        finds the model idle runs at once on this thread, without the two thread hops of a call.
         """
         if not tokens:
             raise ValueError("advance needs at least one token")
         if len(tokens) <= self._chunk:
             scores = await self._submit(
-                self._interactive, len(tokens), tokens, src, dst, whole_distribution, record
+                self._interactive, len(tokens), tokens, src, dst, whole_distribution, record, lone
             )
             progress(len(tokens))
             return scores
         return await self._prefill_chunks(tokens, src, dst, whole_distribution, progress, record)
 
-    async def peek(self, src: int, *, whole_distribution: bool, record: Record | None = None) -> Scores:
+    async def peek(
+        self, src: int, *, whole_distribution: bool, record: Record | None = None, lone: bool = False
+    ) -> Scores:
         """The next word's scores read from the state in slot ``src``, which stays as it is.
 
         ``record`` is stored with that state before this returns (raises SessionTaken if refused).
         """
-        return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution, record)
+        return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution, record, lone)
 
     async def _prefill_chunks(
         self,
@@ -188,19 +194,31 @@ class Batcher:
         dst: int,
         whole_distribution: bool,
         record: Record | None = None,
+        lone: bool = False,
     ) -> Scores:
         future: asyncio.Future[Scores] = asyncio.get_running_loop().create_future()
-        queue.append(_Request(key, tokens, src, dst, whole_distribution, future, record))
+        request = _Request(key, tokens, src, dst, whole_distribution, future, record)
+        if lone and not self._busy and not self._interactive and not self._prefill:
+            # Nobody to share a call with: run it here and now. It runs to the end without
+            # yielding to the loop, so the worker cannot start a call meanwhile.
+            self._last_batch = 1
+            await self._run_group(key, [request], inline=True)
+            return future.result()
+        queue.append(request)
         self._work.set()
         return await future
 
     async def _run(self) -> None:
         while True:
             await self._work.wait()
-            if self._interactive:
-                await self._run_interactive()
-            if self._prefill:
-                await self._run_prefill()
+            self._busy = True
+            try:
+                if self._interactive:
+                    await self._run_interactive()
+                if self._prefill:
+                    await self._run_prefill()
+            finally:
+                self._busy = False
             if not self._interactive and not self._prefill:
                 self._work.clear()
 
@@ -235,7 +253,7 @@ class Batcher:
         self._prefill = rest
         await self._run_group(key, group)
 
-    async def _run_group(self, key: int, group: list[_Request]) -> None:
+    async def _run_group(self, key: int, group: list[_Request], *, inline: bool = False) -> None:
         # A caller that went away (its RPC was cancelled) needs no answer; its slot is freed by it.
         group = [r for r in group if not r.future.done()]
         if not group:
@@ -244,7 +262,7 @@ class Batcher:
         for r in group:
             self._metrics.queue_wait.observe(start - r.enqueued)
         try:
-            answers = await self._compute(key, group)
+            answers = await self._compute(key, group, inline)
         except Exception as exc:  # the model failed: every caller of this group gets the error
             for r in group:
                 if not r.future.done():
@@ -259,19 +277,19 @@ class Batcher:
             else:
                 r.future.set_result(answer)
 
-    async def _compute(self, key: int, group: list[_Request]) -> list[Scores | SessionTaken]:
+    async def _compute(self, key: int, group: list[_Request], inline: bool) -> list[Scores | SessionTaken]:
         """One graph call for the group: gather its states, run, store records, scatter the new states."""
         n = len(group)
         state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
         whole = any(r.whole_distribution for r in group)
         if key == HEAD:
             ranked, stored = await self._call(
-                "head", group, lambda: self._lm.head_ranked(state, whole_distribution=whole), state
+                "head", group, lambda: self._lm.head_ranked(state, whole_distribution=whole), inline, state
             )
         else:
             tokens = np.array([r.tokens for r in group], dtype=np.int64)
             ranked, stored = await self._call(
-                "step", group, lambda: self._lm.step_ranked(tokens, state, whole_distribution=whole)
+                "step", group, lambda: self._lm.step_ranked(tokens, state, whole_distribution=whole), inline
             )
             # A caller cancelled while the graph ran has freed its slot (maybe already handed to
             # another session): its new state must not land there.
@@ -298,10 +316,12 @@ class Batcher:
         graph: str,
         group: list[_Request],
         fn: Callable[[], Ranked],
+        inline: bool,
         state_in: Sequence[np.ndarray] | None = None,
     ) -> tuple[Ranked, list[bool | None] | None]:
         """Run the graph on the model thread (timing it alone, not the queueing), then store the
-        group's records with the state they leave (``state_in`` for a head call: unchanged)."""
+        group's records with the state they leave (``state_in`` for a head call: unchanged).
+        ``inline``: on this thread instead (a lone step, see ``_submit``)."""
 
         observe = self._compute_time[graph]
 
@@ -311,6 +331,8 @@ class Batcher:
             observe(time.perf_counter() - start)
             return ranked, self._store(group, ranked.state if state_in is None else state_in)
 
+        if inline:
+            return timed()
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     def _store(self, group: list[_Request], state: Sequence[np.ndarray]) -> list[bool | None] | None:

@@ -174,7 +174,8 @@ class Guard:
         self, method: MethodDescriptor, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         async for request in requests:
-            await self._check(method, request, context)
+            if request is MALFORMED or type(request) is Oversized:  # else nothing to check: no await
+                await self._check(method, request, context)
             yield request
 
     async def _check(self, method: MethodDescriptor, request: Any, context: grpc.aio.ServicerContext) -> None:

@@ -80,6 +80,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._sessions = sessions
         self._metrics = metrics
         self._persister = persister
+        self._max_text, self._max_k = config.max_text_chars, config.max_k  # checked on every request
         self._fingerprint = bundle.manifest.fingerprint
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
         # The budget of model tokens in flight; public so that tests can occupy it.
@@ -93,9 +94,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
         if not config.expose_manifest:  # the paths and commands of the machine that made the bundle
             self._manifest_json = public_manifest(self._manifest_json)
-        # Set by drain(): every stream waiting for its next request wakes on it and ends.
-        self._draining: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._open_streams = 0
+        self._draining = False  # set by drain(): new calls are refused, every stream ends
+        self._streams: set[Stream] = set()
         self._no_streams = asyncio.Event()
         self._no_streams.set()
 
@@ -107,7 +107,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         try:
             while (request := await self._next(request_iterator, context, stream)) is not None:
                 start = time.perf_counter()
-                await self._validate("Session", context, request.text, request.k, request.model)
+                if request.model or len(request.text) > self._max_text or request.k > self._max_k:
+                    await self._validate("Session", context, request.text, request.k, request.model)
                 if session is None:
                     session = await self._open(context, request.session_id, stream)
                 elif request.session_id:
@@ -123,7 +124,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         finally:
             if session is not None:
                 self._sessions.detach(session, stream)
-            self._end_stream()
+            self._end_stream(stream)
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictReply:
         start = time.perf_counter()
@@ -157,8 +158,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         An idle stream ends at once, a busy one right after the reply to the request it is
         answering, both with UNAVAILABLE and ``DRAINED``, which tells the client to resume.
         """
-        if not self._draining.done():
-            self._draining.set_result(None)
+        self._draining = True
+        for stream in self._streams:
+            stream.end("drain")
         try:
             await asyncio.wait_for(self._no_streams.wait(), timeout)
         except asyncio.TimeoutError:
@@ -167,17 +169,31 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     async def _start_stream(self, context: grpc.aio.ServicerContext) -> Stream:
         await self._refuse_if_draining("Session", context)
-        self._open_streams += 1
+        stream = Stream()
+        self._streams.add(stream)
         self._no_streams.clear()
-        return Stream()
+        return stream
 
-    def _end_stream(self) -> None:
-        self._open_streams -= 1
-        if not self._open_streams:
+    def _end_stream(self, stream: Stream) -> None:
+        self._streams.discard(stream)
+        if not self._streams:
             self._no_streams.set()
 
+    async def end_idle_streams(self) -> None:
+        """End, every few seconds, the streams that have waited ``--idle-stream-timeout`` for a request.
+
+        One sweep for every stream instead of a timer per message read.
+        """
+        timeout = self._config.idle_stream_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(timeout / 4, 5.0))
+            now = loop.time()
+            for stream in [s for s in self._streams if s.reading and now - s.read_since >= timeout]:
+                stream.end("idle")
+
     async def _refuse_if_draining(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        if self._draining.done():
+        if self._draining:
             self._metrics.refused.labels("draining").inc()
             await self._fail(method, context, grpc.StatusCode.UNAVAILABLE, REFUSED_DRAINING)
 
@@ -185,31 +201,28 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     async def _next(
         self, requests: AsyncIterator[pb.SessionRequest], context: grpc.aio.ServicerContext, stream: Stream
     ) -> pb.SessionRequest | None:
-        """The next request, None when the client is done, or ABORTED if another stream took the session.
+        """The next request, None when the client is done; or the stream ends (``Stream.end``).
 
-        During a drain the stream ends instead (UNAVAILABLE): at once when it is idle, and after
-        its reply when a request was being answered. A request already read is still answered.
+        Another stream took the session: ABORTED; the server drains: UNAVAILABLE, at once when
+        the stream is idle, after its reply when a request was being answered (a request already
+        read is still answered); no request for ``--idle-stream-timeout``: UNAVAILABLE.
         """
-        if self._draining.done():
-            await self._drained(context)
-        read = asyncio.ensure_future(anext(requests, None))
-        try:
-            await asyncio.wait(
-                (read, stream.superseded, self._draining),
-                timeout=self._config.idle_stream_timeout,  # also bounds a message sent half-way
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        except asyncio.CancelledError:  # the client went away: leave no read behind
-            read.cancel()
-            raise
-        if not read.done():
-            read.cancel()
-            if stream.superseded.done():
-                await self._superseded(context)
-            if not self._draining.done():
-                await self._idle(context)
-            await self._drained(context)
-        return read.result()
+        if stream.ended is None:
+            stream.reading, stream.read_since = True, asyncio.get_running_loop().time()
+            try:
+                return await anext(requests, None)
+            except asyncio.CancelledError:
+                if stream.ended is None:  # the client went away: grpc cancelled this call
+                    raise
+                if (task := asyncio.current_task()) is not None:
+                    task.uncancel()  # our own wake-up, handled here
+            finally:
+                stream.reading = False
+        if stream.ended == "superseded":
+            await self._superseded(context)
+        if stream.ended == "idle":
+            await self._idle(context)
+        await self._drained(context)
 
     async def _open(
         self, context: grpc.aio.ServicerContext, session_id: str, stream: Stream
@@ -353,16 +366,23 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
+        lone = session is not None and len(self._streams) == 1  # nobody to batch with: no thread hops
         slot = src
         try:
             if tokens:
                 slot = self._pool.alloc() if keep else DISCARD
                 ids = self._bundle.vocab.encode(tokens)
                 scores = await self._batcher.advance(
-                    ids, src, slot, whole_distribution=whole, progress=ticket.release, record=record
+                    ids,
+                    src,
+                    slot,
+                    whole_distribution=whole,
+                    progress=ticket.release,
+                    record=record,
+                    lone=lone,
                 )
             else:
-                scores = await self._batcher.peek(src, whole_distribution=whole, record=record)
+                scores = await self._batcher.peek(src, whole_distribution=whole, record=record, lone=lone)
                 ticket.release(1)
         except BaseException:
             if keep and slot != src:

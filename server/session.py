@@ -23,10 +23,28 @@ class SessionTableFull(Exception):
 
 
 class Stream:
-    """One live ``Session`` RPC; told when another stream takes its session over."""
+    """One live ``Session`` RPC, and how the server ends it.
+
+    The server ends a stream when another stream takes its session over, when it drains, and
+    when the stream waits too long for its next request. A stream waiting for a request is
+    woken by cancelling its handler task (cheaper than watching extra futures on every read);
+    a stream answering a request sees ``ended`` once it has replied.
+    """
+
+    __slots__ = ("ended", "read_since", "reading", "task")
 
     def __init__(self) -> None:
-        self.superseded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.task = asyncio.current_task()
+        self.reading = False  # waiting for its next request
+        self.read_since = 0.0  # loop time the wait began
+        self.ended: str | None = None  # why the server ends it: "superseded", "drain" or "idle"
+
+    def end(self, reason: str) -> None:
+        """End this stream for ``reason``: at once if it waits for a request, else after its reply."""
+        if self.ended is None:
+            self.ended = reason
+            if self.reading and self.task is not None:
+                self.task.cancel()
 
 
 @dataclass(eq=False, slots=True)
@@ -104,8 +122,8 @@ class SessionTable:
     def attach(self, session: SessionRecord, stream: Stream) -> None:
         """Attach ``stream``; a stream still attached is told it lost the session."""
         old = session.stream
-        if old is not None and old is not stream and not old.superseded.done():
-            old.superseded.set_result(None)
+        if old is not None and old is not stream:
+            old.end("superseded")
         session.stream = stream
         self.touch(session)
 

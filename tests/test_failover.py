@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nextword.clients.client import AsyncNextWordClient
+from nextword.clients.client import AsyncNextWordClient, Reconnect
 from tests.servers import Server, serving
 from tests.services import nginx_grpc, redis_server
 from tests.typists import Typist, pieces
@@ -128,7 +128,9 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
     with redis_server(tmp_path) as redis:
         async with (
             serving(tiny_bundle, "--session-store", redis.url) as server,
+            serving(tiny_bundle, "--session-store", redis.url) as other,
             AsyncNextWordClient(server.target, timeout=10) as client,
+            AsyncNextWordClient(other.target, timeout=10) as elsewhere,
             grpc.aio.insecure_channel(server.target) as channel,
         ):
             health = health_pb2_grpc.HealthStub(channel)
@@ -153,6 +155,13 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
                 # The server as a whole still serves.
                 overall = health_pb2.HealthCheckRequest(service="")
                 assert (await health.Check(overall)).status == health_pb2.HealthCheckResponse.SERVING
+                # Another replica cannot resume it now: NOT_FOUND, which the client library answers
+                # by replaying the session's text (tests/test_restart.py).
+                with pytest.raises(grpc.RpcError) as lost:
+                    async with elsewhere.session(session.session_id, reconnect=Reconnect(attempts=0)) as s:
+                        await s.send("")
+                assert lost.value.code() == grpc.StatusCode.NOT_FOUND
+                assert "session store is unreachable" in str(lost.value.details())
             redis.restart()
             for _ in range(50):
                 if (await health.Check(store)).status == health_pb2.HealthCheckResponse.SERVING:

@@ -1,0 +1,330 @@
+"""Scaling out: one worker's latency, several workers' throughput, and what the session store costs.
+
+    python -m benchmarks.scaling [--bundle models/demo] [--workers 2] [--quick] [--results FILE]
+
+(run from the repository root; Redis rows need ``redis-server``: scripts/install-services.sh redis).
+Every ratio compares numbers measured in this run, on this machine:
+
+* S1  one stream, one worker, no store: p50 per word against the floor, a raw
+      onnxruntime step (batch 1, in a process of its own) plus the bare grpc.aio
+      echo server's round trip;
+* S2  ``--workers N``: 256 closed-loop streams' words/s against the combined
+      floor (echo messages/s and raw onnxruntime words/s at the batch the server
+      formed, as the serving benchmark's P2);
+* S3  ``--workers N``: mean batch at 64 streams against half the streams;
+* S4  event-loop CPU per reply, 256 streams: the CPU time of the servers' main
+      threads (where the event loop runs; /proc/PID/task/TID/stat) divided by
+      the replies, nextword's workers against the echo server's;
+* S5  one stream p50 with ``--session-store redis://`` against no store,
+      alternated (none, redis, none, redis) and averaged;
+* S6  the same for the embedded store (a SQLite file), for information.
+* S7  where the machine has the cores: words/s with N workers against N × one
+      worker's, N up to half the cores (the load generator gets the rest).
+
+The load is ``nextword.clients.loadtest`` (closed loop, one word per request,
+k=3) for every server. A full run writes its table into ``benchmarks/RESULTS.md``
+under ``## Scaling`` (only that section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.results import write_section
+from benchmarks.serving import ROOT
+from benchmarks.serving.goals import raw_call_s
+from benchmarks.serving.plan import Plan
+from benchmarks.serving.report import machine
+from benchmarks.serving.runs import Bench, Run
+from benchmarks.serving.servers import Child, floor_server, nextword_server, running
+from benchmarks.serving.worker import run_worker
+
+SECTION = "## Scaling"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Row:
+    id: str
+    measure: str
+    measured: str
+    goal: str
+    ok: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return "not measured" if self.ok is None else ("pass" if self.ok else "**fail**")
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if math.isfinite(a) and math.isfinite(b) and b else math.nan
+
+
+def main_thread_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of the main threads of ``pids``, where their event loops run."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / TICK
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (a supervisor's workers, and its resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@contextlib.contextmanager
+def redis(port: int) -> Iterator[str]:
+    """A throwaway ``redis-server`` on loopback (no persistence); its URL."""
+    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
+    if binary is None:
+        raise SystemExit("redis-server is missing: scripts/install-services.sh redis")
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                    break
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Scaling:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.plan = Plan.quick() if args.quick else Plan.full()
+        self.bench = Bench(
+            argparse.Namespace(procs=args.procs, profile=None, bundle=args.bundle, threads=1), self.plan
+        )
+        self.cpu: dict[str, float] = {}  # main-thread CPU seconds per reply, by server
+
+    def nextword(self, *extra: str) -> Child:
+        return nextword_server(self.args.bundle, 1, list(extra))
+
+    def one_stream(self, server: Child, label: str) -> Run:
+        return self.bench.load(
+            "nextword", server.address, label, streams=1, context=5, duration=self.plan.long_s
+        )
+
+    def loaded(self, target: str, server: Child, label: str, streams: int, pids: list[int]) -> Run:
+        """A multi-stream run, with the CPU its main threads spent per reply."""
+        metrics = int(server.match.group(2)) if target == "nextword" else 0
+        before = main_thread_cpu_s(pids)
+        run = self.bench.load(
+            target,
+            server.address,
+            label,
+            streams=streams,
+            context=5,
+            duration=self.plan.long_s,
+            metrics_port=metrics,
+        )
+        replies = run.get("words")
+        self.cpu[label] = _ratio(main_thread_cpu_s(pids) - before, replies)
+        return run
+
+    def run(self) -> tuple[list[Row], dict[str, float]]:
+        args, bench = self.args, self.bench
+        bench.log(f"raw onnxruntime: {args.bundle}")
+        raw = run_worker(
+            "raw",
+            args.bundle,
+            1,
+            "--seconds",
+            str(self.plan.raw_s),
+            "--calls",
+            str(self.plan.raw_latency_calls),
+        )
+        with running(floor_server("echo", args.bundle, 1)) as echo:
+            echo1 = bench.load(
+                "echo", echo.address, "echo 1", streams=1, context=5, duration=self.plan.long_s
+            )
+            echo256 = self.loaded("echo", echo, "echo 256", 256, [echo.pid])
+        one: list[Run] = []
+        stored: dict[str, list[Run]] = {"redis": [], "embedded": []}
+        with redis(free_port()) as url, tempfile.TemporaryDirectory() as folder:
+            specs = {"redis": url, "embedded": f"sqlite://{folder}/sessions.db"}
+            for rep in range(2):  # alternated, so drift in the machine's speed hits both alike
+                with running(self.nextword()) as server:
+                    one.append(self.one_stream(server, f"1 worker, no store #{rep + 1}"))
+                for kind, spec in specs.items():
+                    with running(self.nextword("--session-store", spec)) as server:
+                        stored[kind].append(self.one_stream(server, f"1 worker, {kind} store #{rep + 1}"))
+        n = args.workers
+        with running(self.nextword("--workers", str(n))) as server:
+            pids = children(server.pid)
+            many = self.loaded("nextword", server, f"{n} workers 256", 256, pids)
+            sixty_four = self.loaded("nextword", server, f"{n} workers 64", 64, pids)
+        return self.rows(raw, echo1, echo256, one, stored, many, sixty_four)
+
+    def rows(
+        self,
+        raw: dict[str, object],
+        echo1: Run,
+        echo256: Run,
+        one: list[Run],
+        stored: dict[str, list[Run]],
+        many: Run,
+        sixty_four: Run,
+    ) -> tuple[list[Row], dict[str, float]]:
+        n = self.args.workers
+        step = raw["step_b1"]["p50_ms"]  # type: ignore[index]
+        floor1 = step + echo1.get("p50_ms")
+        p50 = _mean(r.get("p50_ms") for r in one)
+        m = many.mean_batch
+        r = _ratio(m, raw_call_s(raw["throughput"], m))  # type: ignore[arg-type]
+        e = echo256.get("words_per_s")
+        combined = _ratio(1, _ratio(1, e) + _ratio(1, r))
+        d = {
+            "s1_ratio": _ratio(p50, floor1),
+            "s2_ratio": _ratio(many.get("words_per_s"), combined),
+            "s3_ratio": _ratio(sixty_four.mean_batch, 64),
+            "s4_ratio": _ratio(self.cpu[f"{n} workers 256"], self.cpu["echo 256"]),
+        }
+        rows = [
+            Row(
+                "S1",
+                "1 stream, 1 worker, p50 per word",
+                f"{p50:.3f} ms = **{d['s1_ratio']:.2f}×** floor ({step:.3f} ORT step + "
+                f"{echo1.get('p50_ms'):.3f} echo RTT)",
+                "≤ 1.5× floor",
+                _le(d["s1_ratio"], 1.5),
+            ),
+            Row(
+                "S2",
+                f"256 streams, {n} workers, words/s vs combined floor",
+                f"{many.get('words_per_s'):.0f} = **{d['s2_ratio']:.2f}×** floor {combined:.0f} "
+                f"(E {e:.0f} echo msg/s, R {r:.0f} ORT words/s at mean batch {m:.1f})",
+                "≥ 0.8× floor",
+                _ge(d["s2_ratio"], 0.8),
+            ),
+            Row(
+                "S3",
+                f"64 streams, {n} workers, mean batch",
+                f"{sixty_four.mean_batch:.1f} = **{d['s3_ratio']:.2f}×** streams",
+                "≥ 0.5× streams",
+                _ge(d["s3_ratio"], 0.5),
+            ),
+            Row(
+                "S4",
+                "event-loop CPU per reply, 256 streams",
+                f"{self.cpu[f'{n} workers 256'] * 1e3:.3f} ms vs echo {self.cpu['echo 256'] * 1e3:.3f} ms = "
+                f"**{d['s4_ratio']:.2f}×**",
+                "≤ 2× echo",
+                _le(d["s4_ratio"], 2),
+            ),
+        ]
+        for kind, sid, goal, limit in (
+            ("redis", "S5", "≤ 1.2×", 1.2),
+            ("embedded", "S6", "(information)", None),
+        ):
+            got = _mean(run.get("p50_ms") for run in stored[kind])
+            d[f"{sid.lower()}_ratio"] = _ratio(got, p50)
+            rows.append(
+                Row(
+                    sid,
+                    f"1 stream p50, {kind} store vs none",
+                    f"{got:.3f} vs {p50:.3f} ms = **{d[f'{sid.lower()}_ratio']:.2f}×**",
+                    goal,
+                    None if limit is None else _le(d[f"{sid.lower()}_ratio"], limit),
+                )
+            )
+        return rows, d
+
+
+def _mean(values: Iterable[float]) -> float:
+    items = [v for v in values if math.isfinite(v)]
+    return sum(items) / len(items) if items else math.nan
+
+
+def _le(value: float, limit: float) -> bool:
+    return math.isfinite(value) and value <= limit
+
+
+def _ge(value: float, limit: float) -> bool:
+    return math.isfinite(value) and value >= limit
+
+
+def render(rows: list[Row], runs: list[Run], command: str) -> str:
+    mach = machine()
+    lines = [
+        f"`{command}` at {mach['revision']} on {mach['cpu']}, {mach['nproc']} cores, "
+        f"onnxruntime {mach['onnxruntime']}, grpcio {mach['grpcio']}, {time.strftime('%Y-%m-%d')}; "
+        "the load generator on the same machine. Ratios compare numbers of this run only.",
+        "",
+        "| id | measure | measured | goal | result |",
+        "|---|---|---|---|---|",
+        *(f"| {r.id} | {r.measure} | {r.measured} | {r.goal} | {r.verdict} |" for r in rows),
+        "",
+        "| server | run | streams | words/s | p50 ms | p99 ms | mean batch | errors |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r.target} | {r.label} | {r.streams} | {r.get('words_per_s'):.0f} | {r.get('p50_ms'):.3f} "
+            f"| {r.get('p99_ms'):.3f} | {r.mean_batch:.1f} | {r.error or 0} |"
+            for r in runs
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--bundle", type=Path, default=ROOT / "models" / "demo")
+    p.add_argument("--workers", type=int, default=2, help="workers of the multi-stream runs")
+    p.add_argument("--procs", type=int, default=2, help="load-test client processes for multi-stream runs")
+    p.add_argument("--quick", action="store_true", help="short runs: a smoke test, not a measurement")
+    p.add_argument(
+        "--results", type=Path, help="default: benchmarks/RESULTS.md for a full run, none for --quick"
+    )
+    args = p.parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.scaling", *(sys.argv[1:] if argv is None else argv)])
+    scaling = Scaling(args)
+    rows, _ = scaling.run()
+    body = render(rows, scaling.bench.runs, command)
+    print(body)
+    results = args.results or (None if args.quick else ROOT / "benchmarks" / "RESULTS.md")
+    if results is not None:
+        write_section(results, SECTION, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
