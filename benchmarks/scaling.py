@@ -40,12 +40,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
-from benchmarks.serving.goals import raw_call_s
+from benchmarks.serving.goals import Row, _ge, _le, raw_call_s
+from benchmarks.serving.goals import _div as _ratio
 from benchmarks.serving.plan import Plan
 from benchmarks.serving.report import machine
 from benchmarks.serving.runs import Bench, Run
@@ -54,23 +54,6 @@ from benchmarks.serving.worker import run_worker
 
 SECTION = "## Scaling"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Row:
-    id: str
-    measure: str
-    measured: str
-    goal: str
-    ok: bool | None
-
-    @property
-    def verdict(self) -> str:
-        return "not measured" if self.ok is None else ("pass" if self.ok else "**fail**")
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if math.isfinite(a) and math.isfinite(b) and b else math.nan
 
 
 def main_thread_cpu_s(pids: list[int]) -> float:
@@ -268,14 +251,6 @@ class Scaling:
 def _mean(values: Iterable[float]) -> float:
     items = [v for v in values if math.isfinite(v)]
     return sum(items) / len(items) if items else math.nan
-
-
-def _le(value: float, limit: float) -> bool:
-    return math.isfinite(value) and value <= limit
-
-
-def _ge(value: float, limit: float) -> bool:
-    return math.isfinite(value) and value >= limit
 
 
 def render(rows: list[Row], runs: list[Run], command: str) -> str:

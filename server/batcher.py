@@ -63,6 +63,11 @@ def _ignore(tokens: int) -> None:
     pass
 
 
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class SessionTaken(Exception):
     """The store refused a step's record: another stream claimed its session meanwhile."""
 
@@ -109,6 +114,10 @@ class Batcher:
         self._worker: asyncio.Task[None] | None = None
         self._last_batch = 0
         self._busy = False  # the worker is running calls (a lone step must not run beside them)
+        self._filled: asyncio.Future[None] | None = None  # set while the worker waits for company
+        self._fill_at = 0
+        # Session streams open now (the servicer sets it): a batch cannot grow past them.
+        self.open_streams: Callable[[], int] = lambda: self._max_batch
         # Label children looked up once, not per call.
         self._compute_time = {g: metrics.onnx_compute.labels(g).observe for g in ("step", "head")}
 
@@ -206,6 +215,8 @@ class Batcher:
             return future.result()
         queue.append(request)
         self._work.set()
+        if self._filled is not None and len(self._interactive) >= self._fill_at:
+            _settle(self._filled)
         return await future
 
     async def _run(self) -> None:
@@ -225,10 +236,14 @@ class Batcher:
     async def _run_interactive(self) -> None:
         """Every interactive request waiting (up to ``max_batch``), one call per group."""
         batch = self._take_interactive([])
-        # Wait for company only under load (the last call was shared): a lone stream's
-        # step runs at once instead of paying max_delay for batch-mates that never come.
-        if self._last_batch > 1 and len(batch) < self._max_batch and self._max_delay > 0:
-            await asyncio.sleep(self._max_delay)
+        # Wait for company only under load (the last call was shared): a lone stream's step
+        # runs at once instead of paying max_delay for batch-mates that never come. Under
+        # load, wait (max_delay at most) for one more request than the last call had: batches
+        # grow while the requests keep coming, to as many streams as are typing, and a call
+        # of many steps costs the model far less per word than several small ones.
+        target = min(self._max_batch, self.open_streams(), self._last_batch + 1)
+        if self._last_batch > 1 and len(batch) < target and self._max_delay > 0:
+            await self._fill(target - len(batch))
             self._take_interactive(batch)
         self._last_batch = len(batch)
         groups: dict[int, list[_Request]] = {}
@@ -236,6 +251,17 @@ class Batcher:
             groups.setdefault(request.key, []).append(request)
         for key, group in groups.items():
             await self._run_group(key, group)
+
+    async def _fill(self, wanted: int) -> None:
+        """Until ``wanted`` interactive requests are queued, or ``max_delay`` has passed."""
+        loop = asyncio.get_running_loop()
+        self._filled, self._fill_at = loop.create_future(), wanted
+        timer = loop.call_later(self._max_delay, _settle, self._filled)
+        try:
+            await self._filled
+        finally:
+            timer.cancel()
+            self._filled = None
 
     def _take_interactive(self, batch: list[_Request]) -> list[_Request]:
         while len(batch) < self._max_batch and self._interactive:

@@ -35,7 +35,14 @@ class ServerConfig:
     threads: int = option(0, "onnxruntime intra-op threads (0: its default)")
     max_batch: int = option(64, "most session steps run in one onnxruntime call")
     max_delay_ms: float = option(
-        0.5, "how long a step waits under load for others to share its call (0: never)"
+        2.0,
+        "most a step waits under load for others to share its call; the wait ends as soon as one "
+        "more step than the last call had is queued (0: never wait)",
+    )
+    lone_poll_us: float = option(
+        2000.0,
+        "microseconds the event loop polls for a lone stream's next request after each reply instead "
+        "of sleeping: the core and caches stay warm for one typist (costs that much CPU; 0: off)",
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
@@ -122,8 +129,8 @@ class ServerConfig:
             raise ValueError(f"invalid {', '.join(bad)}: must be positive (--grace and --threads may be 0)")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
-        if self.max_batch < 1 or self.max_delay_ms < 0:
-            raise ValueError("need --max-batch >= 1 and --max-delay-ms >= 0")
+        if self.max_batch < 1 or self.max_delay_ms < 0 or self.lone_poll_us < 0:
+            raise ValueError("need --max-batch >= 1, --max-delay-ms >= 0 and --lone-poll-us >= 0")
         self._check_network()
         self._check_cost()
         self.worker_count  # noqa: B018  # raises for a bad --workers

@@ -81,6 +81,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._metrics = metrics
         self._persister = persister
         self._max_text, self._max_k = config.max_text_chars, config.max_k  # checked on every request
+        self._lone_poll = config.lone_poll_us / 1e6
         self._fingerprint = bundle.manifest.fingerprint
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
         # The budget of model tokens in flight; public so that tests can occupy it.
@@ -96,6 +97,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             self._manifest_json = public_manifest(self._manifest_json)
         self._draining = False  # set by drain(): new calls are refused, every stream ends
         self._streams: set[Stream] = set()
+        batcher.open_streams = self._streams.__len__
         self._no_streams = asyncio.Event()
         self._no_streams.set()
 
@@ -121,6 +123,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 reply = await self._answer(context, session, stream, request)
                 await context.write(reply)
                 self._session_latency.observe(time.perf_counter() - start)
+                if self._lone_poll and len(self._streams) == 1:
+                    stream.poller = asyncio.get_running_loop().create_task(self._poll_for_next(stream))
         finally:
             if session is not None:
                 self._sessions.detach(session, stream)
@@ -191,6 +195,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             now = loop.time()
             for stream in [s for s in self._streams if s.reading and now - s.read_since >= timeout]:
                 stream.end("idle")
+
+    async def _poll_for_next(self, stream: Stream) -> None:
+        """Keep the event loop polling (not sleeping) while a lone stream waits for its next request,
+        for ``--lone-poll-us`` at most: the core stays awake and the model's weights in its caches,
+        so the next step runs as fast as it can. Never with more than one stream open."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lone_poll
+        await asyncio.sleep(0)  # the handler starts its read first
+        while stream.reading and loop.time() < deadline and len(self._streams) == 1:
+            await asyncio.sleep(0)
 
     async def _refuse_if_draining(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if self._draining:

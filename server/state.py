@@ -68,8 +68,9 @@ class StatePool:
     def scatter(self, slots: np.ndarray, rows: np.ndarray, state: Sequence[np.ndarray]) -> None:
         """Write rows ``rows`` of a batch ``state`` into ``slots``."""
         for array, axis, value in zip(self._arrays, self._axes, state, strict=True):
-            # Move the batch axis first on views (no copy), then one fancy-indexed assignment.
-            np.moveaxis(array, axis, 0)[slots] = np.moveaxis(value, axis, 0)[rows]
+            # The batch axis first on views of both (no copy; the same swap, so elements correspond),
+            # then one fancy-indexed assignment. swapaxes: a C method, unlike np.moveaxis's Python.
+            array.swapaxes(0, axis)[slots] = value.swapaxes(0, axis)[rows]
 
     def row_bytes(self, state: Sequence[np.ndarray], row: int) -> bytes:
         """Row ``row`` of a batch ``state`` as bytes, tensor after tensor (a stored session's state)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sqlite3
 import struct
@@ -234,11 +235,12 @@ class RedisStore(SessionStore):
         import redis  # only servers that use Redis import it
 
         self._redis_errors = (redis.RedisError, OSError)
+        self._no_script = redis.exceptions.NoScriptError
         # A store that hangs must not hold the model thread long: every operation is bounded.
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
         )
-        self._write = self._client.register_script(_WRITE)
+        self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
         self._claim = self._client.register_script(_CLAIM)
 
     def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
@@ -247,9 +249,14 @@ class RedisStore(SessionStore):
         for r in records:
             args += [r.epoch, r.encode()]
         try:
-            return [bool(x) for x in self._write(keys=keys, args=args)]
+            try:  # EVALSHA itself (a step's one round trip), loading the script when Redis lacks it
+                written = self._client.evalsha(self._write_sha, len(keys), *keys, *args)
+            except self._no_script:
+                self._client.script_load(_WRITE)
+                written = self._client.evalsha(self._write_sha, len(keys), *keys, *args)
         except self._redis_errors as exc:
             raise StoreError(f"session store: {exc}") from exc
+        return [bool(x) for x in written]
 
     def claim(self, session_id: str, ttl: float) -> Record | None:
         try:
