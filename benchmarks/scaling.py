@@ -16,7 +16,8 @@ Every ratio compares numbers measured in this run, on this machine:
       threads (where the event loop runs; /proc/PID/task/TID/stat) divided by
       the replies, nextword's workers against the echo server's;
 * S5  one stream p50 with ``--session-store redis://`` against no store,
-      alternated (none, redis, none, redis) and averaged;
+      alternated (none, redis, embedded, none, ...: three of each) and the
+      median p50 of each compared;
 * S6  the same for the embedded store (a SQLite file), for information.
 * S7  where the machine has the cores: words/s with N workers against N × one
       worker's, N up to half the cores (the load generator gets the rest).
@@ -53,6 +54,7 @@ from benchmarks.serving.servers import Child, floor_server, nextword_server, run
 from benchmarks.serving.worker import run_worker
 
 SECTION = "## Scaling"
+REPEATS = 3  # one-stream runs per store setting; the median p50 of each setting is compared
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -160,7 +162,7 @@ class Scaling:
         stored: dict[str, list[Run]] = {"redis": [], "embedded": []}
         with redis(free_port()) as url, tempfile.TemporaryDirectory() as folder:
             specs = {"redis": url, "embedded": f"sqlite://{folder}/sessions.db"}
-            for rep in range(2):  # alternated, so drift in the machine's speed hits both alike
+            for rep in range(REPEATS):  # alternated, so drift in the machine's speed hits all alike
                 with running(self.nextword()) as server:
                     one.append(self.one_stream(server, f"1 worker, no store #{rep + 1}"))
                 for kind, spec in specs.items():
@@ -186,7 +188,7 @@ class Scaling:
         n = self.args.workers
         step = raw["step_b1"]["p50_ms"]  # type: ignore[index]
         floor1 = step + echo1.get("p50_ms")
-        p50 = _mean(r.get("p50_ms") for r in one)
+        p50 = _median(r.get("p50_ms") for r in one)
         m = many.mean_batch
         r = _ratio(m, raw_call_s(raw["throughput"], m))  # type: ignore[arg-type]
         e = echo256.get("words_per_s")
@@ -234,7 +236,7 @@ class Scaling:
             ("redis", "S5", "≤ 1.2×", 1.2),
             ("embedded", "S6", "(information)", None),
         ):
-            got = _mean(run.get("p50_ms") for run in stored[kind])
+            got = _median(run.get("p50_ms") for run in stored[kind])
             d[f"{sid.lower()}_ratio"] = _ratio(got, p50)
             rows.append(
                 Row(
@@ -248,9 +250,9 @@ class Scaling:
         return rows, d
 
 
-def _mean(values: Iterable[float]) -> float:
-    items = [v for v in values if math.isfinite(v)]
-    return sum(items) / len(items) if items else math.nan
+def _median(values: Iterable[float]) -> float:
+    items = sorted(v for v in values if math.isfinite(v))
+    return items[len(items) // 2] if items else math.nan
 
 
 def render(rows: list[Row], runs: list[Run], command: str) -> str:

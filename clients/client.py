@@ -23,7 +23,9 @@ ends it,
   (``client.session(reconnect=...)``; ``Reconnect(attempts=0)``: never);
 * the session is resumed by its id if the server still holds it (the reply's
   ``seq`` tells whether the failed request was applied before its reply was
-  lost, so it is never applied twice);
+  lost, so it is never applied twice); a server that resumes it from a stored
+  copy a step or so older than the last reply (its process died before storing
+  it) gets the requests after that copy again, from a log of the last 256;
 * otherwise (NOT_FOUND: the server restarted and lost it) a new session gets
   the text sent since the last reset, which the session keeps for this (send
   ``reset`` to start afresh), in pieces the server accepts, and the session's
@@ -46,6 +48,7 @@ so is UNAVAILABLE once the attempts are spent. Unary calls (``predict``,
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import queue
 import random
@@ -70,6 +73,8 @@ _ENDED_AS_SENT = "the session stream ended as a request was sent on it"
 _CLOSE_WAIT_S = 2.0  # how long close() lets the server end a stream before cancelling it
 # Most characters of one replayed request; fewer if the server's --max-text-chars is lower.
 _REPLAY_CHARS = 1024
+# Requests a session remembers with their seq, to resend those a server's stored copy lacks.
+_RESEND_LOG = 256
 # What may fail an attempt to reconnect and still leave the next attempt worth making.
 _RETRY_WHILE_RECONNECTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _PUSHBACK = "grpc-retry-pushback-ms"  # the wait a busy server asks for (gRPC's retry design)
@@ -260,6 +265,10 @@ class _Resumable:
         self._text_known = session_id is None  # not for a caller's session resumed by id, until a reset
         self._seq_known = False  # whether self.seq is the server's (a reply was seen)
         self._first = True  # the next request is its stream's first: it names the session and its k
+        # The last requests answered, by the seq of their reply: a server that resumes the session
+        # from a stored copy older than the last reply gets the ones after it again (same id).
+        self._log: collections.deque[tuple[int, pb.SessionRequest]] = collections.deque()
+        self._log_floor = 0  # requests answered with this seq or lower are no longer in the log
 
     def _request(self, text: str, reset: bool, k: int) -> pb.SessionRequest:
         first, self._first = self._first, False
@@ -269,12 +278,45 @@ class _Resumable:
     def _answered(self, req: pb.SessionRequest, reply: pb.SessionReply) -> Prediction:
         """Record what ``req`` did to the session (``reply`` tells its id and seq); the prediction."""
         self.session_id, self.seq, self._seq_known = reply.session_id, int(reply.seq), True
+        self._remember(req)
         self._k = req.k or self._k
         if req.reset:
             self._text, self._text_known = req.text, True
         else:
             self._text += req.text
         return Prediction.from_proto(reply.prediction)
+
+    def _remember(self, req: pb.SessionRequest) -> None:
+        self._log.append((self.seq, _request(None, req.text, req.reset, req.k, self._model)))
+        if len(self._log) > _RESEND_LOG:
+            self._log_floor = self._log.popleft()[0]
+
+    def _missing(self, resumed: pb.SessionReply) -> list[pb.SessionRequest] | None:
+        """The answered requests the resumed copy lacks, to send again; None if the log no longer
+        reaches back that far (then the session is rebuilt from its text).
+
+        A stored copy may end a step or so before the last reply (the server stores after
+        replying); the resume request itself counts one, so the copy ends at ``resumed.seq - 1``.
+        """
+        if not self._seq_known:
+            return []
+        stored = int(resumed.seq) - 1
+        if stored >= self.seq:
+            return []
+        if stored < self._log_floor:
+            return None
+        return [req for seq, req in self._log if seq > stored]
+
+    def _resent(self, req: pb.SessionRequest, reply: pb.SessionReply) -> None:
+        """``req`` was sent again after a resume: only its new seq is news (its text is counted)."""
+        self.seq = int(reply.seq)
+        self._log = collections.deque((seq, r) for seq, r in self._log if r is not req)
+        self._log.append((self.seq, req))
+
+    def _forget_log(self, seq: int) -> None:
+        """A rebuilt session: what was answered up to ``seq`` is not in the log."""
+        self._log.clear()
+        self._log_floor = seq
 
     def _resume_request(self) -> pb.SessionRequest:
         # No text and k=0 change nothing; the reply's seq counts the requests the server applied.
@@ -288,11 +330,6 @@ class _Resumable:
         taken as not applied.
         """
         return self._seq_known and int(resumed.seq) == self.seq + 2
-
-    def _behind(self, resumed: pb.SessionReply) -> bool:
-        """Whether the server resumed an older copy of the session than the replies seen here say
-        (a session store that missed steps while it was down): then it is rebuilt from its text."""
-        return self._seq_known and int(resumed.seq) <= self.seq
 
     def _cannot_rebuild_if_text_unknown(self) -> None:
         if not self._text_known:
@@ -414,9 +451,12 @@ class SyncSession(_Resumable):
                 if _code(exc) != grpc.StatusCode.NOT_FOUND or not self._text_known:
                     raise
             else:
-                if not self._behind(resumed):
+                missing = self._missing(resumed)
+                if missing is not None:
+                    for again in missing:
+                        self._resent(again, self._roundtrip(again, self._time_left(deadline)))
                     req = _request(None, text, reset, k, self._model)
-                    if self._was_applied(resumed):
+                    if not missing and self._was_applied(resumed):
                         return self._answered(req, resumed)
                     return self._answered(req, self._roundtrip(req, self._time_left(deadline)))
                 self._cannot_rebuild_if_text_unknown()  # else rebuilt below, as if it were lost
@@ -427,7 +467,7 @@ class SyncSession(_Resumable):
         self._open(wait_for_ready=True)
         self._first = False
         for req in requests[:-1]:
-            self._roundtrip(req, self._time_left(deadline))
+            self._forget_log(int(self._roundtrip(req, self._time_left(deadline)).seq))
         return self._answered(requests[-1], self._roundtrip(requests[-1], self._time_left(deadline)))
 
     def _roundtrip(self, req: pb.SessionRequest, limit: float | None) -> pb.SessionReply:
@@ -617,9 +657,12 @@ class AsyncSession(_Resumable):
                 if _code(exc) != grpc.StatusCode.NOT_FOUND or not self._text_known:
                     raise
             else:
-                if not self._behind(resumed):
+                missing = self._missing(resumed)
+                if missing is not None:
+                    for again in missing:
+                        self._resent(again, await self._roundtrip(again, self._time_left(deadline)))
                     req = _request(None, text, reset, k, self._model)
-                    if self._was_applied(resumed):
+                    if not missing and self._was_applied(resumed):
                         return self._answered(req, resumed)
                     return self._answered(req, await self._roundtrip(req, self._time_left(deadline)))
                 self._cannot_rebuild_if_text_unknown()  # else rebuilt below, as if it were lost
@@ -630,7 +673,7 @@ class AsyncSession(_Resumable):
         self._open(wait_for_ready=True)
         self._first = False
         for req in requests[:-1]:
-            await self._roundtrip(req, self._time_left(deadline))
+            self._forget_log(int((await self._roundtrip(req, self._time_left(deadline))).seq))
         return self._answered(requests[-1], await self._roundtrip(requests[-1], self._time_left(deadline)))
 
     async def _roundtrip(self, req: pb.SessionRequest, limit: float | None) -> pb.SessionReply:

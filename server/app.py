@@ -99,6 +99,7 @@ class RunningServer:
                 await task
         await self._batcher.close()
         if self._persister is not None:
+            await self._persister.settle()
             self._persister.close()
         if self._endpoint is not None:
             self._endpoint.close()

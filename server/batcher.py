@@ -31,10 +31,8 @@ there when a session needs a slot, so its arrays are only touched from that
 thread.
 
 With a session store (``server/store.py``) a request may carry its session's
-record: the model thread writes the records of a call, with their new states,
-in one store operation right after the graph ran and before any reply goes out.
-A record the store refuses (another stream claimed the session) fails its
-request with ``SessionTaken``; a store that is down fails nothing.
+record: right after the graph ran, the records of the call, with the states
+they leave, go to the store's writer (which never holds up a reply).
 """
 
 from __future__ import annotations
@@ -68,10 +66,6 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-class SessionTaken(Exception):
-    """The store refused a step's record: another stream claimed its session meanwhile."""
-
-
 @dataclass(eq=False)
 class _Request:
     key: int
@@ -80,7 +74,7 @@ class _Request:
     dst: int
     whole_distribution: bool
     future: asyncio.Future[Scores] = field(repr=False)
-    record: Record | None = None  # stored with the new state before the reply (its state filled in)
+    record: Record | None = None  # goes to the session store with the new state (filled in here)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -144,7 +138,7 @@ class Batcher:
         """Feed ``tokens`` from the state in slot ``src`` (new state into ``dst``): the next word's scores.
 
         ``progress`` is told how many tokens each finished call ran (the server's in-flight count).
-        ``record`` is stored with the new state before this returns (raises SessionTaken if refused).
+        ``record`` goes to the session store with the new state.
         ``lone``: the caller is the only one who could share a call now (one stream open): a step that
         finds the model idle runs at once on this thread, without the two thread hops of a call.
         """
@@ -163,7 +157,7 @@ class Batcher:
     ) -> Scores:
         """The next word's scores read from the state in slot ``src``, which stays as it is.
 
-        ``record`` is stored with that state before this returns (raises SessionTaken if refused).
+        ``record`` goes to the session store with that state.
         """
         return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution, record, lone)
 
@@ -296,25 +290,21 @@ class Batcher:
             return
         self._metrics.batch_size.observe(len(group))
         for r, answer in zip(group, answers, strict=True):
-            if r.future.done():
-                continue
-            if isinstance(answer, SessionTaken):
-                r.future.set_exception(answer)
-            else:
+            if not r.future.done():
                 r.future.set_result(answer)
 
-    async def _compute(self, key: int, group: list[_Request], inline: bool) -> list[Scores | SessionTaken]:
+    async def _compute(self, key: int, group: list[_Request], inline: bool) -> list[Scores]:
         """One graph call for the group: gather its states, run, store records, scatter the new states."""
         n = len(group)
         state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
         whole = any(r.whole_distribution for r in group)
         if key == HEAD:
-            ranked, stored = await self._call(
+            ranked = await self._call(
                 "head", group, lambda: self._lm.head_ranked(state, whole_distribution=whole), inline, state
             )
         else:
             tokens = np.array([r.tokens for r in group], dtype=np.int64)
-            ranked, stored = await self._call(
+            ranked = await self._call(
                 "step", group, lambda: self._lm.step_ranked(tokens, state, whole_distribution=whole), inline
             )
             # A caller cancelled while the graph ran has freed its slot (maybe already handed to
@@ -323,11 +313,7 @@ class Batcher:
             keep = dst != DISCARD
             self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
             self._metrics.words.inc(n * key)
-        taken = SessionTaken()
-        return [
-            taken if stored and stored[b] is False else self._scores(ranked, b, r.whole_distribution)
-            for b, r in enumerate(group)
-        ]
+        return [self._scores(ranked, b, r.whole_distribution) for b, r in enumerate(group)]
 
     @staticmethod
     def _scores(ranked: Ranked, b: int, whole_distribution: bool) -> Scores:
@@ -344,35 +330,31 @@ class Batcher:
         fn: Callable[[], Ranked],
         inline: bool,
         state_in: Sequence[np.ndarray] | None = None,
-    ) -> tuple[Ranked, list[bool | None] | None]:
-        """Run the graph on the model thread (timing it alone, not the queueing), then store the
-        group's records with the state they leave (``state_in`` for a head call: unchanged).
+    ) -> Ranked:
+        """Run the graph on the model thread (timing it alone, not the queueing), then hand the
+        group's records to the store with the state they leave (``state_in`` for a head call).
         ``inline``: on this thread instead (a lone step, see ``_submit``)."""
 
         observe = self._compute_time[graph]
 
-        def timed() -> tuple[Ranked, list[bool | None] | None]:
+        def timed() -> Ranked:
             start = time.perf_counter()
             ranked = fn()
             observe(time.perf_counter() - start)
-            return ranked, self._store(group, ranked.state if state_in is None else state_in)
+            self._store(group, ranked.state if state_in is None else state_in, inline)
+            return ranked
 
         if inline:
             return timed()
         return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
-    def _store(self, group: list[_Request], state: Sequence[np.ndarray]) -> list[bool | None] | None:
-        """Write the group's records in one store operation; per request, whether it was stored."""
+    def _store(self, group: list[_Request], state: Sequence[np.ndarray], inline: bool) -> None:
+        """Hand the group's records, with their rows of ``state``, to the store's writer (a lone
+        step's to its servicer, which flushes them once it has replied: ``Persister.submit``)."""
         if self._persister is None:
-            return None
-        rows = [(b, r.record) for b, r in enumerate(group) if r.record is not None]
-        if not rows:
-            return None
-        records = [replace(record, state=self._pool.row_bytes(state, b)) for b, record in rows]
-        written = self._persister.write(records)
-        if written is None:  # the store is down: the replies go out all the same
-            return None
-        stored: list[bool | None] = [None] * len(group)
-        for (b, _), ok in zip(rows, written, strict=True):
-            stored[b] = ok
-        return stored
+            return
+        records = [
+            replace(r.record, state=self._pool.row_bytes(state, b)) for b, r in enumerate(group) if r.record
+        ]
+        if records:
+            self._persister.submit(records, wake=not inline)

@@ -17,7 +17,7 @@ from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
 from .admission import Admission, Overloaded, Ticket, TooManyTokens, measure
-from .batcher import DISCARD, Batcher, SessionTaken
+from .batcher import DISCARD, Batcher
 from .config import ServerConfig
 from .metrics import Metrics
 from .security import PRINCIPAL, public_manifest, quote
@@ -80,6 +80,13 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._sessions = sessions
         self._metrics = metrics
         self._persister = persister
+        if persister is not None:
+            loop = asyncio.get_running_loop()
+
+            def taken(sessions: list[tuple[str, int]]) -> None:  # on the store's writer thread
+                loop.call_soon_threadsafe(self._taken, sessions)
+
+            persister.on_taken = taken
         self._max_text, self._max_k = config.max_text_chars, config.max_k  # checked on every request
         self._lone_poll = config.lone_poll_us / 1e6
         self._fingerprint = bundle.manifest.fingerprint
@@ -123,6 +130,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 reply = await self._answer(context, session, stream, request)
                 await context.write(reply)
                 self._session_latency.observe(time.perf_counter() - start)
+                if self._persister is not None:  # a lone step's record: stored while the reply travels
+                    self._persister.flush_held()
                 if self._lone_poll and len(self._streams) == 1:
                     stream.poller = asyncio.get_running_loop().create_task(self._poll_for_next(stream))
         finally:
@@ -275,6 +284,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         local = self._sessions.get(session_id, principal)
         if self._persister is None:
             return local
+        if local is not None and local.taken:  # what this process holds is not the session any more
+            local = None
         try:
             record = await self._persister.run(self._persister.claim, session_id)
         except StoreError:
@@ -296,7 +307,21 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             if local.seq < record.seq:
                 self._restore(local, record)
             local.epoch = record.epoch
+            self._persister.reclaimed(session_id, record.epoch)
         return local
+
+    def _taken(self, taken: list[tuple[str, int]]) -> None:
+        """The store refused these sessions' records: another process claimed them. Their streams
+        here end (ABORTED) and this process forgets them (a resume here reads the store again)."""
+        for session_id, epoch in taken:
+            session = self._sessions.find(session_id)
+            if session is None or session.epoch != epoch or session.taken:
+                continue  # gone, or claimed here again since
+            session.taken = True
+            if session.stream is not None:
+                session.stream.end("superseded")  # forgotten when its stream ends
+            else:
+                self._sessions.forget(session)
 
     def _restore(self, session: SessionRecord, record: Record) -> None:
         """Make ``session`` what ``record`` says (its state into a slot of its own)."""
@@ -324,12 +349,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 src, pending, context_tokens = session.slot, session.pending, session.context_tokens
             k = request.k or session.k
             caller = _Caller("Session", context, session.id)
-            try:
-                step = await self._apply_text(
-                    caller, src, pending, context_tokens, request.text, k, keep=True, session=session
-                )
-            except SessionTaken:  # the store says another stream (maybe another process) has it now
-                await self._superseded(context)
+            step = await self._apply_text(
+                caller, src, pending, context_tokens, request.text, k, keep=True, session=session
+            )
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
                 if step.slot != src:
@@ -362,7 +384,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """Feed the complete words of ``pending + text`` to the model; predict from the result.
 
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
-        With a ``session`` and a store, its record is stored with the new state before this returns.
+        With a ``session`` and a store, its record goes to the store with the new state.
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
         record = None

@@ -58,6 +58,7 @@ class SessionRecord:
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
     seq: int = 0  # requests answered
     epoch: int = 0  # the session store's claim this process holds it under (server/store.py)
+    taken: bool = False  # another process claimed it: forgotten here once its stream ends
     last_used: float = field(default_factory=time.monotonic)
     stream: Stream | None = None  # the stream attached, if any
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time
@@ -116,6 +117,15 @@ class SessionTable:
         self.touch(session)
         return session
 
+    def find(self, session_id: str) -> SessionRecord | None:
+        """The session ``session_id``, whoever owns it (for the server's own bookkeeping)."""
+        return self._sessions.get(session_id)
+
+    def forget(self, session: SessionRecord) -> None:
+        """Drop ``session`` now (another process took it over)."""
+        if self._sessions.get(session.id) is session:
+            self._drop(session)
+
     def touch(self, session: SessionRecord) -> None:
         session.last_used = self._clock()
         self._sessions.move_to_end(session.id)
@@ -137,7 +147,8 @@ class SessionTable:
         """
         if session.stream is stream:
             session.stream = None
-            if session.slot == INITIAL and not session.pending and not session.context_tokens:
+            empty = session.slot == INITIAL and not session.pending and not session.context_tokens
+            if session.taken or empty:
                 self._drop(session)
             else:
                 self.touch(session)
@@ -165,8 +176,11 @@ class SessionTable:
             self.expire()
 
     def _drop(self, session: SessionRecord) -> None:
-        del self._sessions[session.id]
+        # A session taken over elsewhere may have been replaced under its id by a fresh copy.
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
         self._on_drop(session)
+        session.slot = INITIAL  # dropped once: what it held is freed once
 
     def _expired(self, session: SessionRecord, now: float) -> bool:
         return now - session.last_used >= self.ttl

@@ -1,18 +1,23 @@
 """Session records, kept where every worker and replica can read them.
 
 A session is a small record: its recurrent state, the unfinished word, k, its
-owner, how many requests it has answered, and the model it runs on. The
-batcher writes the records of a whole model call in one store operation, from
-the model thread, before any of that call's replies go out (``Persister.write``):
-a reply the client holds is always in the store, so a process killed with
-SIGKILL loses no session, and one store round trip serves a whole batch.
+owner, how many requests it has answered (``seq``), and the model it runs on.
+After each model call the batcher hands the call's records to the
+``Persister``, whose writer thread stores everything handed to it since its last
+write in one store operation (the newest record of each session), off the
+critical path: a reply never waits for the store. A process killed with SIGKILL
+therefore loses no session, only possibly its last step or so; a resume says
+which request the stored copy ends at (its ``seq``), and the client library
+resends the requests after it (``clients/client.py``), so the session continues
+exactly, with the same id.
 
 Which stream owns a session is settled by an *epoch*. Resuming a session
 *claims* it: the store adds one to its epoch and hands back the record. A write
 names the epoch its session was claimed at and is refused when the record's
 epoch has moved on, so a worker that still holds a stream of a session taken
 over elsewhere (on another worker, or another replica behind a balancer) cannot
-overwrite it: its client is told the session was resumed by another stream.
+overwrite it: its stream is ended (ABORTED, resumed by another stream). A write
+older than the stored record (a lower ``seq``) is skipped.
 
 Two stores:
 
@@ -41,7 +46,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -52,6 +57,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("nextword.server")
 
+WRITTEN, TAKEN, STALE = 1, 0, 2  # what a write did to each record
 _FORMAT = 1  # first byte of an encoded record: what a future layout is told apart by
 _HEADER = struct.Struct("<BIQQIII")  # format, k, seq, context tokens, len(principal, pending, model)
 
@@ -98,11 +104,12 @@ class SessionStore(ABC):
     kind: str  # "embedded", "sqlite" or "redis": the ``store`` label of the metrics
 
     @abstractmethod
-    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
-        """Store ``records``, each only if its epoch is still the stored one (or it is new).
+    def write(self, records: Sequence[Record], ttl: float) -> list[int]:
+        """Store ``records`` (one per session), each only if it is new, or its epoch is still the
+        stored one and its seq is newer than the stored one's.
 
-        Returns, per record, whether it was written; False: another claim took the session.
-        Each record expires ``ttl`` seconds after its last write.
+        Returns, per record, WRITTEN, TAKEN (another claim moved the epoch on) or STALE (the
+        stored record is as new or newer). Each record expires ``ttl`` seconds after its last write.
         """
 
     @abstractmethod
@@ -112,6 +119,10 @@ class SessionStore(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Raise StoreError unless the store answers."""
+
+    async def write_async(self, records: Sequence[Record], ttl: float) -> list[int]:
+        """``write`` without blocking the event loop (stores across a network override it)."""
+        return self.write(records, ttl)
 
     def sweep(self) -> None:  # noqa: B027  # stores without expiry of their own override it
         """Delete expired records (Redis expires its own)."""
@@ -135,33 +146,36 @@ class SqliteStore(SessionStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS sessions "
-                "(id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL) "
-                "WITHOUT ROWID"
+                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+                "seq INTEGER NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL) WITHOUT ROWID"
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the session store {path}: {exc}") from exc
 
-    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
-        expires = time.time() + ttl
+    def write(self, records: Sequence[Record], ttl: float) -> list[int]:
+        now = time.time()
         with self._lock, _sqlite_errors():
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE")  # the other workers' writes and claims wait
             try:
-                written = [
-                    self._db.execute(
-                        "INSERT INTO sessions VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                        "record = excluded.record, expires = excluded.expires, epoch = excluded.epoch "
-                        "WHERE sessions.epoch = excluded.epoch OR sessions.expires < ?",
-                        (r.id, r.epoch, expires, r.encode(), time.time()),
-                    ).rowcount
-                    == 1
-                    for r in records
-                ]
+                results = [self._write_one(r, now, now + ttl) for r in records]
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return written
+        return results
+
+    def _write_one(self, r: Record, now: float, expires: float) -> int:
+        row = self._db.execute("SELECT epoch, seq, expires FROM sessions WHERE id = ?", (r.id,)).fetchone()
+        if row is not None and row[2] >= now:  # a live record: the claim and the order decide
+            if row[0] != r.epoch:
+                return TAKEN
+            if row[1] >= r.seq:
+                return STALE
+        self._db.execute(
+            "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)",
+            (r.id, r.epoch, r.seq, expires, r.encode()),
+        )
+        return WRITTEN
 
     def claim(self, session_id: str, ttl: float) -> Record | None:
         now = time.time()
@@ -194,20 +208,23 @@ def _sqlite_errors() -> Iterator[None]:
         raise StoreError(f"session store: {exc}") from exc
 
 
-# Every key of a batch in one script: the epoch check and the write are atomic per record, and
-# the batch is one round trip. KEYS[i] is a session; ARGV = ttl_ms, then (epoch, record) per key.
+# Every key of a batch in one script: the checks and the write are atomic per record, and the
+# batch is one round trip. KEYS[i] is a session; ARGV = ttl_ms, then (epoch, seq, record) per key.
+# Returns per key 1 (written), 0 (taken: another epoch) or 2 (stale: not newer than stored).
 _WRITE = """
 local ttl = ARGV[1]
 local out = {}
 for i, key in ipairs(KEYS) do
-  local epoch = ARGV[2 * i]
-  local stored = redis.call('HGET', key, 'e')
-  if (not stored) or stored == epoch then
-    redis.call('HSET', key, 'e', epoch, 'r', ARGV[2 * i + 1])
+  local epoch, seq = ARGV[3 * i - 1], tonumber(ARGV[3 * i])
+  local stored = redis.call('HMGET', key, 'e', 's')
+  if stored[1] and stored[1] ~= epoch then
+    out[i] = 0
+  elseif stored[1] and tonumber(stored[2]) >= seq then
+    out[i] = 2
+  else
+    redis.call('HSET', key, 'e', epoch, 's', seq, 'r', ARGV[3 * i + 1])
     redis.call('PEXPIRE', key, ttl)
     out[i] = 1
-  else
-    out[i] = 0
   end
 end
 return out
@@ -242,21 +259,42 @@ class RedisStore(SessionStore):
         )
         self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
         self._claim = self._client.register_script(_CLAIM)
+        # The event loop's own connection, for a lone stream's writes (Persister.flush_held).
+        self._async = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
 
-    def write(self, records: Sequence[Record], ttl: float) -> list[bool]:
-        keys = [self.PREFIX + r.id for r in records]
-        args: list[bytes | int] = [round(ttl * 1000)]
+    def _command(self, records: Sequence[Record], ttl: float) -> tuple[int, list[str | bytes | int]]:
+        """EVALSHA's arguments after the script: the key count; the keys, ttl, then each record's."""
+        keys: list[str | bytes | int] = [self.PREFIX + r.id for r in records]
+        args: list[str | bytes | int] = [round(ttl * 1000)]
         for r in records:
-            args += [r.epoch, r.encode()]
+            args += [r.epoch, r.seq, r.encode()]
+        return len(keys), [*keys, *args]
+
+    async def write_async(self, records: Sequence[Record], ttl: float) -> list[int]:
+        n, command = self._command(records, ttl)
         try:
-            try:  # EVALSHA itself (a step's one round trip), loading the script when Redis lacks it
-                written = self._client.evalsha(self._write_sha, len(keys), *keys, *args)
+            try:
+                written = await self._async.evalsha(self._write_sha, n, *command)
             except self._no_script:
-                self._client.script_load(_WRITE)
-                written = self._client.evalsha(self._write_sha, len(keys), *keys, *args)
+                await self._async.script_load(_WRITE)
+                written = await self._async.evalsha(self._write_sha, n, *command)
         except self._redis_errors as exc:
             raise StoreError(f"session store: {exc}") from exc
-        return [bool(x) for x in written]
+        return [int(x) for x in written]
+
+    def write(self, records: Sequence[Record], ttl: float) -> list[int]:
+        n, command = self._command(records, ttl)
+        try:
+            try:  # EVALSHA itself (a step's one round trip), loading the script when Redis lacks it
+                written = self._client.evalsha(self._write_sha, n, *command)
+            except self._no_script:
+                self._client.script_load(_WRITE)
+                written = self._client.evalsha(self._write_sha, n, *command)
+        except self._redis_errors as exc:
+            raise StoreError(f"session store: {exc}") from exc
+        return [int(x) for x in written]
 
     def claim(self, session_id: str, ttl: float) -> Record | None:
         try:
@@ -296,11 +334,15 @@ def open_store(spec: str) -> SessionStore | None:
 
 
 class Persister:
-    """The server's side of the store: metrics, and riding out a store that is down.
+    """The server's side of the store: a writer thread, metrics, and riding out a store that is down.
 
+    ``submit`` never waits: the writer thread stores, in one operation, the newest record of
+    every session submitted since its last write. A record the store says was taken by another
+    claim is reported to ``on_taken`` (on the event loop), which ends that session's stream here.
     After a failure the store is left alone for ``retry_after`` seconds (doubling up to
-    ``max_retry_after``), so a store that hangs costs one bounded wait now and then,
-    not one per model call. ``up`` is what health and ``nextword_session_store_up`` say.
+    ``max_retry_after``), so a store that hangs costs one bounded wait now and then; records
+    meanwhile stay in this process only. ``up`` is what health and
+    ``nextword_session_store_up`` say.
     """
 
     def __init__(
@@ -323,32 +365,123 @@ class Persister:
         self._next_try = 0.0
         self.up = True
         self._up_gauge.set(1)
-        # Claims and health checks wait here, off the event loop (writes run on the model thread).
+        # Called with [(session id, epoch)] of records another claim took (set by the servicer).
+        self.on_taken: Callable[[list[tuple[str, int]]], None] = lambda taken: None
+        self._pending: dict[str, Record] = {}
+        self.held = False  # records were submitted with wake=False: the submitter flushes them
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closing = False
+        self._writer = threading.Thread(target=self._write_loop, name="session-store-writer", daemon=True)
+        self._writer.start()
+        # Claims and health checks wait here, off the event loop.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-store")
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the store's thread."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
+    def submit(self, records: Sequence[Record], *, wake: bool = True) -> None:
+        """Have ``records`` stored soon (from any thread; never blocks on the store).
+
+        ``wake=False``: leave them for the caller's own ``flush`` (a lone stream's server flushes
+        right after its reply, while its client's next request is on the way, instead of waking
+        a thread that would compete for the interpreter and the CPU during the reply).
+        """
+        with self._lock:
+            for r in records:
+                queued = self._pending.get(r.id)
+                if queued is None or r.seq > queued.seq:
+                    self._pending[r.id] = r
+        if wake:
+            self._wake.set()
+        else:
+            self.held = True
+
+    def flush_held(self) -> None:
+        """Store what was submitted with ``wake=False``, from the event loop without blocking it:
+        the write goes out while the reply travels and the next request is read."""
+        if self.held:
+            self.held = False
+            task = asyncio.get_running_loop().create_task(self._flush_async())
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def settle(self) -> None:
+        """Wait for the event loop's writes still on their way (before ``close``)."""
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+
+    def flush(self) -> None:
+        """Store what is pending now, on this thread."""
+        batch = self._take()
+        if batch:
+            self._written(batch, self.write(batch))
+
+    async def _flush_async(self) -> None:
+        batch = self._take()
+        if not batch or not self._available():
+            return
+        start = time.perf_counter()
+        try:
+            results = await self.store.write_async(batch, self._ttl)
+        except StoreError as exc:
+            self._failed("write", exc)
+            return
+        self._write_time(time.perf_counter() - start)
+        self._ok()
+        self._written(batch, results)
+
+    def _take(self) -> list[Record]:
+        with self._lock:
+            batch, self._pending = list(self._pending.values()), {}
+        return batch
+
+    def _written(self, batch: list[Record], results: list[int] | None) -> None:
+        if results is None:
+            return
+        taken = [(r.id, r.epoch) for r, result in zip(batch, results, strict=True) if result == TAKEN]
+        if taken:
+            self._metrics.store_conflicts.inc(len(taken))
+            self.on_taken(taken)
+
+    def reclaimed(self, session_id: str, epoch: int) -> None:
+        """This process claimed ``session_id`` again: its records not yet written carry the new epoch."""
+        with self._lock:
+            if (queued := self._pending.get(session_id)) is not None:
+                self._pending[session_id] = replace(queued, epoch=epoch)
+
     def close(self) -> None:
+        """Write what is pending, then release the store."""
+        self._closing = True
+        self._wake.set()
+        self._writer.join(timeout=10)
         self._thread.shutdown(wait=True)
         self.store.close()
 
-    def write(self, records: Sequence[Record]) -> list[bool] | None:
-        """Per record, whether it was written (False: taken by another claim); None: store down."""
+    def _write_loop(self) -> None:
+        while True:
+            if not self._closing:
+                self._wake.wait()
+            self._wake.clear()
+            self.flush()
+            if self._closing and not self._pending:
+                return
+
+    def write(self, records: Sequence[Record]) -> list[int] | None:
+        """Store ``records`` now: per record WRITTEN, TAKEN or STALE; None while the store is down."""
         if not records or not self._available():
             return None
         start = time.perf_counter()
         try:
-            written = self.store.write(records, self._ttl)
+            results = self.store.write(records, self._ttl)
         except StoreError as exc:
             self._failed("write", exc)
             return None
         self._write_time(time.perf_counter() - start)
         self._ok()
-        if not all(written):
-            self._metrics.store_conflicts.inc(len(written) - sum(written))
-        return written
+        return results
 
     def claim(self, session_id: str) -> Record | None:
         """The session's record, taken over; None if the store does not know it. Raises StoreError."""
