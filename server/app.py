@@ -243,11 +243,15 @@ def _session_store(config: ServerConfig, metrics: Metrics) -> Persister | None:
         )
     try:
         store = open_store(spec)
-        if store is not None:
-            store.ping()
-    except StoreError as exc:
+    except StoreError as exc:  # a store this machine cannot open: a setting to fix
         raise StartupError(f"{exc} (see --session-store)") from exc
-    return None if store is None else Persister(store, metrics, config.session_ttl)
+    if store is None:
+        return None
+    persister = Persister(store, metrics, config.session_ttl)
+    # A store not answering yet (Redis still starting beside us) is no reason not to serve: the
+    # server starts, says so in its log and health, and uses the store once it answers.
+    persister.check()
+    return persister
 
 
 async def _watch_health(

@@ -211,3 +211,28 @@ async def test_a_resume_from_a_stored_copy_behind_the_last_reply_resends_the_res
 
 async def _until_stored(store: redis.Redis, key: str, seq: int) -> None:
     await _until(lambda: int(store.hget(key, "s") or 0) >= seq)
+
+
+@pytest.mark.slow
+async def test_a_server_starts_while_its_store_is_down_and_uses_it_once_it_answers(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    with redis_server(tmp_path) as redis_proc:
+        redis_proc.stop()  # its port is known, nothing answers there yet (Redis still starting)
+        async with (
+            serving(tiny_bundle, "--session-store", redis_proc.url) as server,
+            AsyncNextWordClient(server.target, timeout=10) as client,
+            grpc.aio.insecure_channel(server.target) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            store = health_pb2.HealthCheckRequest(service="nextword.SessionStore")
+            assert (await health.Check(store)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            async with client.session() as session:
+                assert (await session.send("it is a truth ")).context_tokens == 4
+            redis_proc.restart()
+            await _until(lambda: server.metric("nextword_session_store_up") == {'{store="redis"}': 1.0})
+            async with client.session() as session:
+                await session.send("it is a truth ")
+                key = f"nextword:session:{session.session_id}"
+                await _until_stored(redis.Redis.from_url(redis_proc.url), key, 1)
+    assert "session store redis is down" in await server.rest_of_log()
