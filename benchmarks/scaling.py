@@ -23,7 +23,9 @@ Every ratio compares numbers measured in this run, on this machine:
       worker's, N up to half the cores (the load generator gets the rest).
 
 The load is ``nextword.clients.loadtest`` (closed loop, one word per request,
-k=3) for every server. A full run writes its table into ``benchmarks/RESULTS.md``
+k=3) for every server, each process's streams spread over ``--connections``
+connections: SO_REUSEPORT gives each worker connections, not streams, and two
+connections land on one worker half the time. A full run writes its table into ``benchmarks/RESULTS.md``
 under ``## Scaling`` (only that section).
 """
 
@@ -113,7 +115,10 @@ class Scaling:
         self.args = args
         self.plan = Plan.quick() if args.quick else Plan.full()
         self.bench = Bench(
-            argparse.Namespace(procs=args.procs, profile=None, bundle=args.bundle, threads=1), self.plan
+            argparse.Namespace(
+                procs=args.procs, profile=None, bundle=args.bundle, threads=1, connections=args.connections
+            ),
+            self.plan,
         )
         self.cpu: dict[str, float] = {}  # main-thread CPU seconds per reply, by server
 
@@ -299,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, default=ROOT / "models" / "demo")
     p.add_argument("--workers", type=int, default=2, help="workers of the multi-stream runs")
     p.add_argument("--procs", type=int, default=2, help="load-test client processes for multi-stream runs")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=8,
+        help="connections per load process: the kernel gives each worker connections, not streams",
+    )
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test, not a measurement")
     p.add_argument(
         "--results", type=Path, help="default: benchmarks/RESULTS.md for a full run, none for --quick"

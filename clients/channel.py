@@ -124,7 +124,16 @@ def sync_channel(target: str, credentials: Credentials | None = None) -> grpc.Ch
     return grpc.insecure_channel(target) if creds is None else grpc.secure_channel(target, creds)
 
 
-def aio_channel(target: str, credentials: Credentials | None = None) -> grpc.aio.Channel:
-    """An asyncio channel to ``target`` that applies ``credentials`` to every call (create it in its loop)."""
+def aio_channel(
+    target: str, credentials: Credentials | None = None, *, own_connection: bool = False
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target`` that applies ``credentials`` to every call (create it in its loop).
+
+    ``own_connection``: a connection of its own, not shared with other channels to the same target
+    (gRPC shares them by default), e.g. to reach several of a server's workers.
+    """
     creds = credentials.channel_credentials(target) if credentials else None
-    return grpc.aio.insecure_channel(target) if creds is None else grpc.aio.secure_channel(target, creds)
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)

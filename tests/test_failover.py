@@ -8,6 +8,7 @@ import asyncio
 import os
 import random
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -236,3 +237,19 @@ async def test_a_server_starts_while_its_store_is_down_and_uses_it_once_it_answe
                 key = f"nextword:session:{session.session_id}"
                 await _until_stored(redis.Redis.from_url(redis_proc.url), key, 1)
     assert "session store redis is down" in await server.rest_of_log()
+
+
+@pytest.mark.slow
+async def test_a_load_over_several_connections_reaches_every_worker(tiny_bundle: Path) -> None:
+    """The kernel hands each worker connections, not streams: a client with one connection meets one
+    worker; ``nextword loadtest --connections`` spreads its streams so that every worker serves."""
+    async with serving(tiny_bundle, "--workers", "2") as server:
+        load = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "nextword.cli", "loadtest", "--target", server.target),
+            *("--streams", "16", "--connections", "16", "--words", "400"),
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        assert await asyncio.wait_for(load.wait(), timeout=60) == 0
+        words = server.metric("nextword_words_total")
+        assert sorted(words) == ['{worker="0"}', '{worker="1"}']
+        assert all(count > 0 for count in words.values()), words

@@ -91,6 +91,7 @@ class Bench:
                 context_words=run.context,
                 k=3,
                 allow_remote=False,
+                connections=getattr(self.args, "connections", 1),
             )
             report = run_load_processes(spec, procs=run.procs)
         except LoadTestError as exc:

@@ -32,6 +32,9 @@ class LoadTestOptions:
     text: Path | None = option(None, "text to type (default: the Gutenberg test split, if present)")
     k: int = option(3, "suggestions asked for")
     procs: int = option(1, "client processes the streams are spread over")
+    connections: int = option(
+        1, "HTTP/2 connections per process the streams are spread over (a server's workers get connections)"
+    )
     json: bool = switch("print one JSON object")
     allow_remote: bool = switch("allow a --target that is not loopback")
 
@@ -53,6 +56,7 @@ class LoadTestOptions:
             context_words=self.context_words,
             k=self.k,
             allow_remote=self.allow_remote,
+            connections=self.connections,
         )
 
 

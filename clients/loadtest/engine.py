@@ -73,7 +73,7 @@ class _Load:
         first, total = share.first_stream, share.total_streams
         self.streams = [_Stream(i, i * len(text) // total) for i in range(first, first + spec.streams)]
         self.report = LoadReport(spec.target, spec.streams, spec.rate, spec.context_words, 0.0, 0)
-        self.channel: grpc.aio.Channel | None = None
+        self.channels: list[grpc.aio.Channel] = []
         self.deadline = math.inf
         self._reported = 0  # words already passed to the progress callback
         self.last_reply = 0.0
@@ -104,21 +104,24 @@ class _Load:
 
     # ---- setup ---------------------------------------------------------------
     async def connect(self) -> None:
-        self.channel = aio_channel(self.spec.target, self.spec.credentials)
+        count = min(self.spec.connections, len(self.streams))
+        spec = self.spec
+        own = count > 1
+        self.channels = [aio_channel(spec.target, spec.credentials, own_connection=own) for _ in range(count)]
         timeout = self.spec.connect_timeout
         try:
-            await asyncio.wait_for(_ready(self.channel), timeout)
+            await asyncio.wait_for(asyncio.gather(*map(_ready, self.channels)), timeout)
         except (asyncio.TimeoutError, TargetUnreachable) as exc:
-            await self.channel.close(None)
+            await self.close()
             why = str(exc) or f"no connection within {timeout:g} s"
             raise TargetUnreachable(f"cannot reach a server at {self.spec.target} ({why})") from None
 
     async def prepare(self) -> None:
         """Open every stream; with ``context_words``, send each its context in one request first."""
-        assert self.channel is not None
-        stub = pb_grpc.NextWordStub(self.channel)
-        for st in self.streams:
-            st.call = stub.Session()
+        assert self.channels
+        stubs = [pb_grpc.NextWordStub(channel) for channel in self.channels]
+        for i, st in enumerate(self.streams):
+            st.call = stubs[i % len(stubs)].Session()
         if self.spec.context_words:
             results = await asyncio.gather(
                 *(self._prefill(st) for st in self.streams), return_exceptions=True
@@ -278,8 +281,8 @@ class _Load:
                     task.cancel()
 
     async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close(None)
+        for channel in self.channels:
+            await channel.close(None)
 
 
 async def _ready(channel: grpc.aio.Channel) -> None:

@@ -40,11 +40,16 @@ class LoadSpec:
     credentials: Credentials | None = None  # TLS and bearer token (None: plaintext)
     connect_timeout: float = CONNECT_TIMEOUT_S
     reply_timeout: float = REPLY_TIMEOUT_S
+    # HTTP/2 connections of each process, its streams spread over them: a server's workers are
+    # given connections, not streams, so one connection reaches one worker.
+    connections: int = 1
 
     def __post_init__(self) -> None:
         check_target(self.target, allow_remote=self.allow_remote)
         if self.streams < 1:
             raise LoadTestError("streams must be at least 1")
+        if self.connections < 1:
+            raise LoadTestError("connections must be at least 1")
         if self.duration is not None and self.duration <= 0:
             raise LoadTestError("duration must be positive")
         if self.words is not None and self.words < 1:
