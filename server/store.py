@@ -130,6 +130,9 @@ class SessionStore(ABC):
     def close(self) -> None:  # noqa: B027
         """Release connections."""
 
+    async def close_async(self) -> None:  # noqa: B027
+        """Release what ``write_async`` holds (on the event loop, before ``close``)."""
+
 
 class SqliteStore(SessionStore):
     """One SQLite file (WAL) that the workers of one machine share."""
@@ -315,6 +318,9 @@ class RedisStore(SessionStore):
     def close(self) -> None:
         self._client.close()
 
+    async def close_async(self) -> None:
+        await self._async.aclose()
+
 
 def open_store(spec: str) -> SessionStore | None:
     """The store ``--session-store`` names: ``none``, ``sqlite:///PATH`` or ``redis://...``.
@@ -409,9 +415,11 @@ class Persister:
             task.add_done_callback(self._flushing.discard)
 
     async def settle(self) -> None:
-        """Wait for the event loop's writes still on their way (before ``close``)."""
+        """Wait for the event loop's writes still on their way, and release their connection
+        (before ``close``)."""
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
+        await self.store.close_async()
 
     def flush(self) -> None:
         """Store what is pending now, on this thread."""

@@ -1,0 +1,63 @@
+"""The session stores themselves: records round-trip, claims fence older writers, stale writes are
+skipped, records expire. The same checks against a real SQLite file and a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nextword.server.store import STALE, TAKEN, WRITTEN, Record, SessionStore, SqliteStore, open_store
+from tests.services import redis_server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SessionStore]:
+    if request.param == "sqlite":
+        sqlite = SqliteStore(tmp_path / "sessions.db")
+        yield sqlite
+        sqlite.close()
+        return
+    with redis_server(tmp_path) as redis_proc:
+        redis = open_store(redis_proc.url)
+        assert redis is not None
+        yield redis
+        redis.close()
+
+
+def _record(seq: int, epoch: int = 0, state: bytes = b"\x01\x02" * 8) -> Record:
+    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch)
+
+
+def test_a_record_round_trips_through_a_claim(store: SessionStore) -> None:
+    assert store.write([_record(1)], ttl=60) == [WRITTEN]
+    claimed = store.claim("s1", ttl=60)
+    assert claimed == _record(1, epoch=1)  # every field as written, the epoch moved on
+    assert store.claim("nope", ttl=60) is None
+
+
+def test_a_claim_fences_writes_of_the_old_epoch_and_old_seqs_are_skipped(store: SessionStore) -> None:
+    store.write([_record(1)], ttl=60)
+    assert store.claim("s1", ttl=60) is not None  # epoch 1: another process took it
+    assert store.write([_record(2, epoch=0)], ttl=60) == [TAKEN]
+    assert store.write([_record(3, epoch=1)], ttl=60) == [WRITTEN]
+    assert store.write([_record(2, epoch=1)], ttl=60) == [STALE]  # older than what is stored
+    claimed = store.claim("s1", ttl=60)
+    assert claimed is not None and claimed.seq == 3
+
+
+def test_records_of_a_batch_are_judged_one_by_one(store: SessionStore) -> None:
+    other = Record("s2", "bob", "demo@0123", 5, 1, 1, "", b"", 0)
+    store.write([_record(1)], ttl=60)
+    store.claim("s1", ttl=60)
+    assert store.write([_record(2, epoch=0), other], ttl=60) == [TAKEN, WRITTEN]
+
+
+def test_records_expire_after_their_ttl(store: SessionStore) -> None:
+    store.write([_record(1)], ttl=0.3)
+    time.sleep(0.5)
+    store.sweep()
+    assert store.claim("s1", ttl=60) is None
+    assert store.write([_record(1, epoch=7)], ttl=60) == [WRITTEN]  # a fresh start
