@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
@@ -31,10 +31,8 @@ from .security import Authenticator, SecurityError, exposure_warning, server_cre
 from .service import NextWordServicer
 from .session import SessionTable
 from .state import StatePool
+from .status import WorkerStatus
 from .store import Persister, StoreError, open_store
-
-if TYPE_CHECKING:
-    from .workers import WorkerStatus
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name
 # Health services of their own: a probe can ask about the store (SERVING while it answers) and,

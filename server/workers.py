@@ -50,30 +50,12 @@ from nextword.bundle import load_bundle
 from .app import RunningServer, StartupError, serve
 from .config import ANY_FREE_PORT, ServerConfig
 from .metrics import MetricsEndpoint
+from .status import WorkerStatus
 
 log = logging.getLogger("nextword.server")
 STARTUP_TIMEOUT = 300.0  # seconds a worker may take to load the model and listen
 RESTART_PAUSE, MAX_RESTART_PAUSE = 0.5, 30.0  # seconds; doubled while a worker keeps dying young
 YOUNG = 10.0  # seconds: a worker that dies sooner than this after its start died "young"
-
-
-class WorkerStatus:
-    """What every worker may read of the others: each one's metrics port, 0 while it is down."""
-
-    def __init__(self, ports: Any) -> None:  # a multiprocessing Array of ints, one per worker
-        self._ports = ports
-
-    def ready(self, index: int, metrics_port: int) -> None:
-        self._ports[index] = metrics_port
-
-    def down(self, index: int) -> None:
-        self._ports[index] = 0
-
-    def ports(self) -> list[int]:
-        return list(self._ports)
-
-    def all_up(self) -> bool:
-        return all(port > 0 for port in self._ports)
 
 
 def worker_main(config: ServerConfig, ports: Any, ready: Any) -> None:
