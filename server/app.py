@@ -7,7 +7,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,20 @@ class RunningServer:
             self._persister.close()
         if self._endpoint is not None:
             self._endpoint.close()
+
+
+def run(config: ServerConfig, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` to the end on the event loop ``--loop`` names."""
+    if config.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            main.close()
+            if config.loop == "uvloop":
+                raise StartupError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def serve(

@@ -46,6 +46,11 @@ class ServerConfig:
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
+    loop: str = option(
+        "auto",
+        "event loop: uvloop (less CPU per reply than asyncio's own) or asyncio (auto: uvloop when installed)",
+        choices=("auto", "asyncio", "uvloop"),
+    )
 
     # ---- processes and where sessions live (server/workers.py, server/store.py)
     workers: str = option(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from nextword.bundle import BundleError
 from nextword.options import from_args
 
-from .app import StartupError, serve
+from .app import StartupError, run, serve
 from .config import ServerConfig
 from .workers import Supervisor
 
@@ -27,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if config.worker_count > 1:
             return Supervisor(config).run()
-        return asyncio.run(serve(config))
+        return run(config, serve(config))
     except (BundleError, StartupError) as exc:
         return _startup_failed(exc)
 

@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.bundle import load_bundle
 
-from .app import RunningServer, StartupError, serve
+from .app import RunningServer, StartupError, run, serve
 from .config import ANY_FREE_PORT, ServerConfig
 from .metrics import MetricsEndpoint
 from .status import WorkerStatus
@@ -71,10 +71,8 @@ def worker_main(config: ServerConfig, ports: Any, ready: Any) -> None:
         status.ready(config.worker, running.metrics_port)
         ready.put((config.worker, running.provider, ""))
 
-    import asyncio
-
     try:
-        asyncio.run(serve(config, status, on_ready))
+        run(config, serve(config, status, on_ready))
     except Exception as exc:  # the supervisor prints it once, not a traceback per worker
         ready.put((config.worker, "", str(exc)))
         raise SystemExit(2) from None
