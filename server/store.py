@@ -102,6 +102,7 @@ class SessionStore(ABC):
     """Where records live. Blocking calls: the server makes them off its event loop."""
 
     kind: str  # "embedded", "sqlite" or "redis": the ``store`` label of the metrics
+    writes_async = False  # whether ``write_async`` writes without blocking the event loop
 
     @abstractmethod
     def write(self, records: Sequence[Record], ttl: float) -> list[int]:
@@ -121,8 +122,8 @@ class SessionStore(ABC):
         """Raise StoreError unless the store answers."""
 
     async def write_async(self, records: Sequence[Record], ttl: float) -> list[int]:
-        """``write`` without blocking the event loop (stores across a network override it)."""
-        return self.write(records, ttl)
+        """``write`` without blocking the event loop, where ``writes_async`` says it can."""
+        raise NotImplementedError
 
     def sweep(self) -> None:  # noqa: B027  # stores without expiry of their own override it
         """Delete expired records (Redis expires its own)."""
@@ -249,6 +250,7 @@ class RedisStore(SessionStore):
     """
 
     kind = "redis"
+    writes_async = True
     PREFIX = "nextword:session:"
 
     def __init__(self, url: str, timeout: float = 1.0) -> None:
@@ -391,9 +393,9 @@ class Persister:
     def submit(self, records: Sequence[Record], *, wake: bool = True) -> None:
         """Have ``records`` stored soon (from any thread; never blocks on the store).
 
-        ``wake=False``: leave them for the caller's own ``flush`` (a lone stream's server flushes
-        right after its reply, while its client's next request is on the way, instead of waking
-        a thread that would compete for the interpreter and the CPU during the reply).
+        ``wake=False``: leave them for ``flush_held``, which the server calls right after the
+        reply (a lone step's), so that no writer competes for the interpreter and the CPU while
+        the reply is being made.
         """
         with self._lock:
             for r in records:
@@ -407,12 +409,17 @@ class Persister:
 
     def flush_held(self) -> None:
         """Store what was submitted with ``wake=False``, from the event loop without blocking it:
-        the write goes out while the reply travels and the next request is read."""
-        if self.held:
-            self.held = False
-            task = asyncio.get_running_loop().create_task(self._flush_async())
-            self._flushing.add(task)
-            task.add_done_callback(self._flushing.discard)
+        the write goes out while the reply travels and the next request is read. A store with
+        no such write (SQLite, whose lock another worker may hold) is left to the writer thread."""
+        if not self.held:
+            return
+        self.held = False
+        if not self.store.writes_async:
+            self._wake.set()
+            return
+        task = asyncio.get_running_loop().create_task(self._flush_async())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
 
     async def settle(self) -> None:
         """Wait for the event loop's writes still on their way, and release their connection
@@ -437,9 +444,7 @@ class Persister:
         except StoreError as exc:
             self._failed("write", exc)
             return
-        self._write_time(time.perf_counter() - start)
-        self._ok()
-        self._written(batch, results)
+        self._written(batch, self._stored(start, results))
 
     def _take(self) -> list[Record]:
         with self._lock:
@@ -487,6 +492,10 @@ class Persister:
         except StoreError as exc:
             self._failed("write", exc)
             return None
+        return self._stored(start, results)
+
+    def _stored(self, start: float, results: list[int]) -> list[int]:
+        """A write that began at ``start`` went through: timed, and the store is up."""
         self._write_time(time.perf_counter() - start)
         self._ok()
         return results
