@@ -67,13 +67,18 @@ def _cuda_device_present() -> bool:
 class OnnxLM:
     """A bundle's step and head graphs in onnxruntime sessions."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int = 0, spin: bool = True) -> None:
+        """``threads``: intra-op threads (0: onnxruntime's default, one per core).
+        ``spin``: let those threads spin between calls (a little faster alone; a server whose event
+        loop shares the cores turns it off, so idle threads do not take the loop's CPU)."""
         self.bundle = bundle
         m = bundle.manifest
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.inter_op_num_threads = 1
         providers = choose_providers(device)
         try:

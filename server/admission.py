@@ -42,6 +42,7 @@ _JOINERS = "'-"  # inside a word, or at its end while more letters may come (tok
 _MARKS = ',.;:!?"()'  # the punctuation most text has: each mark is a token of its own
 RETRY_MIN, RETRY_MAX = 0.01, 30.0  # seconds: bounds of the retry advice
 GUESS = 0.25  # seconds: the advice while the throughput is unknown
+TRIM_EVERY = 256  # Throughput.add drops finishes out of its window every this many (rate() always does)
 
 
 def estimate_tokens(text: str) -> int:
@@ -132,11 +133,14 @@ class Throughput:
         self._clock = clock
         self._done: deque[tuple[float, int]] = deque()
         self._sum = 0
+        self._adds = 0
 
     def add(self, tokens: int) -> None:
         self._done.append((self._clock(), tokens))
         self._sum += tokens
-        self._trim()
+        self._adds += 1
+        if self._adds % TRIM_EVERY == 0:  # on every finish it would cost more than the rest of add
+            self._trim()
 
     def restart(self) -> None:
         self._done.clear()

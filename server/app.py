@@ -130,11 +130,13 @@ async def serve(
     m = running.bundle.manifest
     who = "nextword" if config.worker < 0 else f"worker {config.worker} (pid {os.getpid()})"
     log.info(
-        "%s serving %s (%s, %s) on %s:%d, metrics on :%d",
+        "%s serving %s (%s, %s, %d onnxruntime thread%s) on %s:%d, metrics on :%d",
         who,
         m.name,
         m.cell,
         running.provider,
+        config.intra_op_threads,
+        "s" if config.intra_op_threads > 1 else "",
         config.host,
         running.port,
         running.metrics_port,
@@ -283,7 +285,10 @@ async def _watch_health(
 def _load_model(config: ServerConfig) -> tuple[Bundle, OnnxLM]:
     bundle = load_bundle(config.model)
     try:
-        lm = OnnxLM(bundle, device=config.device, threads=config.threads)
+        # Several workers share the cores: a pool spinning between calls would take them from the others.
+        lm = OnnxLM(
+            bundle, device=config.device, threads=config.intra_op_threads, spin=config.worker_count == 1
+        )
     except RuntimeError as exc:  # e.g. --device cuda without CUDA
         raise StartupError(str(exc)) from exc
     if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":

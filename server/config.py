@@ -13,6 +13,11 @@ ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path = option(DEMO_BUNDLE, "bundle directory to serve (the demo model ships with nextword)")
@@ -32,7 +37,9 @@ class ServerConfig:
     grace: float = option(
         10.0, "seconds requests in progress may take after SIGTERM (streams then end, clients resume)"
     )
-    threads: int = option(0, "onnxruntime intra-op threads (0: its default)")
+    threads: int = option(
+        0, "onnxruntime intra-op threads per worker (0: the cores this process may use, shared among workers)"
+    )
     max_batch: int = option(64, "most session steps run in one onnxruntime call")
     max_delay_ms: float = option(
         2.0,
@@ -144,7 +151,7 @@ class ServerConfig:
     def worker_count(self) -> int:
         """How many worker processes ``--workers`` asks for (auto: the cores this process may use)."""
         if self.workers == "auto":
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return usable_cores()
         try:
             count = int(self.workers)
         except ValueError:
@@ -152,6 +159,15 @@ class ServerConfig:
         if count < 1:
             raise ValueError(f"invalid --workers {self.workers!r}: a number of processes (1 or more) or auto")
         return count
+
+    @property
+    def intra_op_threads(self) -> int:
+        """onnxruntime threads per worker: ``--threads``, else the cores split among the workers.
+
+        onnxruntime's own default is a pool as large as the machine in every process, whose
+        threads spin between calls: N workers would spin N pools on cores their event loops need.
+        """
+        return self.threads or max(1, usable_cores() // self.worker_count)
 
     @property
     def store_spec(self) -> str:

@@ -156,10 +156,11 @@ class Supervisor:
             provider = self._await_ready()
             endpoint = self._metrics_endpoint()
             log.info(
-                "nextword serving %s (%s, %s) on %s:%d, metrics on :%d, %d workers",
+                "nextword serving %s (%s, %s, %s) on %s:%d, metrics on :%d, %d workers",
                 manifest.name,
                 manifest.cell,
                 provider,
+                _threads(self.config.intra_op_threads),
                 self.config.host,
                 port,
                 endpoint.port if endpoint else 0,
@@ -293,3 +294,8 @@ def _hold_port(host: str, port: int) -> tuple[socket.socket, int]:
         holder.close()
         raise StartupError(f"cannot listen on {host}:{port} ({exc}); is the port in use? see --port") from exc
     return holder, holder.getsockname()[1]
+
+
+def _threads(count: int) -> str:
+    """How many onnxruntime threads each worker runs, for the log line."""
+    return f"{count} onnxruntime thread{'s' if count > 1 else ''} each"

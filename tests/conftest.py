@@ -111,7 +111,7 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return out
 
 
-SERVING = re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+)")
+SERVING = re.compile(r"nextword serving \S+ \([^)]*\) on [\d.]+:(\d+)")
 
 
 @contextlib.contextmanager

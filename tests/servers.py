@@ -19,7 +19,7 @@ from tests.services import free_port
 from tests.typists import MAX_TEXT
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVING = re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+), metrics on :(\d+)")
+SERVING = re.compile(r"nextword serving \S+ \([^)]*\) on [\d.]+:(\d+), metrics on :(\d+)")
 WORKER = re.compile(r"worker (\d+) \(pid (\d+)\) serving")
 
 

@@ -19,6 +19,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextword.clients.client import AsyncNextWordClient, Reconnect
+from nextword.server.config import ServerConfig, usable_cores
 from tests.servers import Server, serving
 from tests.services import nginx_grpc, redis_server
 from tests.typists import Typist, assert_same, pieces
@@ -253,3 +254,13 @@ async def test_a_load_over_several_connections_reaches_every_worker(tiny_bundle:
         words = server.metric("nextword_words_total")
         assert sorted(words) == ['{worker="0"}', '{worker="1"}']
         assert all(count > 0 for count in words.values()), words
+
+
+def test_workers_share_the_cores_among_their_onnxruntime_threads() -> None:
+    """onnxruntime's default pool is one thread per core in every process: N workers would run N
+    times the cores. By default each worker gets its share; --threads still says it exactly."""
+    cores = usable_cores()
+    assert ServerConfig(workers="1").intra_op_threads == cores
+    assert ServerConfig(workers="auto").intra_op_threads == 1
+    assert ServerConfig(workers=str(2 * cores)).intra_op_threads == 1
+    assert ServerConfig(workers="2", threads=3).intra_op_threads == 3

@@ -531,7 +531,7 @@ async def _serve_subprocess(*args: str) -> asyncio.subprocess.Process:
 async def test_sigterm_drains_open_streams_and_exits_0(tiny_bundle: Path) -> None:
     proc = await _serve_subprocess("--model", str(tiny_bundle), "--port", "0", "--grace", "8")
     assert proc.stderr is not None
-    log, ready = "", re.compile(r"nextword serving \S+ \(\S+, \S+\) on [\d.]+:(\d+), metrics on :0")
+    log, ready = "", re.compile(r"nextword serving \S+ \([^)]*\) on [\d.]+:(\d+), metrics on :0")
     while (match := ready.search(log)) is None:
         line = await asyncio.wait_for(proc.stderr.readline(), timeout=30)
         assert line, f"server exited before serving:\n{log}"
