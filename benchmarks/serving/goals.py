@@ -19,17 +19,22 @@ from nextword.bundle import Manifest, load_bundle
 BYTES_1M_LIMIT = 10e9
 
 
+INFORMATION = "(information)"  # the goal of a row that only reports a figure
+
+
 @dataclass
 class Row:
     id: str
     measure: str
     measured: str
     goal: str
-    ok: bool | None  # None: not measured
+    ok: bool | None  # None: not measured, or a figure with no goal
 
     @property
     def verdict(self) -> str:
-        return "not measured" if self.ok is None else ("pass" if self.ok else "**fail**")
+        if self.ok is None:
+            return "—" if self.goal == INFORMATION else "not measured"
+        return "pass" if self.ok else "**fail**"
 
 
 def _le(value: float, limit: float) -> bool:

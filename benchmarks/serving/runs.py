@@ -61,14 +61,16 @@ class Bench:
         words: int | None = None,
         metrics_port: int = 0,
         profile_pid: int = 0,
+        rate: float | None = None,
     ) -> Run:
-        """One closed-loop run against ``address``; nextword's mean batch from its /metrics around it."""
+        """One run against ``address``, closed loop unless ``rate`` (words/s per stream, open loop);
+        nextword's mean batch from its /metrics around it."""
         run = Run(target, label, streams, context, self.procs_for(streams))
         before = batch_histogram(metrics_port) if metrics_port else (math.nan, math.nan)
         name = re.sub(r"\W+", "-", f"{target}-{label}").strip("-")
         out = self.args.profile / f"{name}.txt" if self.args.profile and profile_pid else None
         with py_spy(profile_pid, out, (duration or 5) + 2):
-            self._drive(run, address, duration, words)
+            self._drive(run, address, duration, words, rate)
         if out is not None:
             self.profiles.append(out)
         if metrics_port:
@@ -79,15 +81,17 @@ class Bench:
         self._log_run(run, metrics_port)
         return run
 
-    def _drive(self, run: Run, address: str, duration: float | None, words: int | None) -> None:
+    def _drive(
+        self, run: Run, address: str, duration: float | None, words: int | None, rate: float | None
+    ) -> None:
         try:
-            # One word per request, k=3, no rate limit: spelled out, not the load tester's defaults.
+            # One word per request, k=3, closed loop unless told: spelled out, not the load tester's defaults.
             spec = LoadSpec(
                 target=address,
                 streams=run.streams,
                 duration=duration,
                 words=words,
-                rate=None,
+                rate=rate,
                 context_words=run.context,
                 k=3,
                 allow_remote=False,
