@@ -24,7 +24,9 @@ the text fed as it is typed, keystroke by keystroke through ``split_partial``
 (punctuation included, no ``<eos>`` at blank lines: a session never gets one),
 one ``step`` per word for the tokens completed since the previous word began.
 The distribution at a word's start serves all its prefixes, as the server's
-``head`` would give the same one; ranking is ``nextword.ranking.Ranker``'s.
+``head`` would give the same one; ranking is ``nextword.ranking.Ranker``'s, with
+the words outside the vocabulary typed so far offered as completions, as a
+session offers them (``nextword.ranking.UserWords``).
 
 Remaining differences from ``presage_simulator``:
 
@@ -47,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from nextword.progress import progress
-from nextword.ranking import Ranker, Scores
+from nextword.ranking import Ranker, Scores, UserWords
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word, split_partial
 
@@ -94,11 +96,17 @@ def keystroke_savings(
     ranker = Ranker(vocab)
     offerable = {w for w in vocab.words if is_word(w)}
     log_probs, state = lm.start()  # where every session starts
+    user_words = UserWords()  # the words the model cannot name, as the session keeps them
     keys = without = selections = words = 0
     for before, word in progress(typed_words(text), desc="simulating typing", unit="word"):
         if before:
             log_probs, state = lm.step(np.array([vocab.encode(before)], dtype=np.int64), state)
-        typed = _typed_before_offered(ranker, log_probs[0], word, slots) if word in offerable else None
+            user_words.add(ranker.unknown(before))
+        typed = (
+            _typed_before_offered(ranker, log_probs[0], word, slots, user_words)
+            if word in offerable or word in user_words
+            else None
+        )
         if typed is None:  # typed in full, then the space
             keys += len(word) + 1
         else:  # typed a prefix, took the suggestion; the space comes with it
@@ -119,7 +127,9 @@ def keystroke_savings(
     }
 
 
-def _typed_before_offered(ranker: Ranker, log_probs: np.ndarray, word: str, slots: int) -> int | None:
+def _typed_before_offered(
+    ranker: Ranker, log_probs: np.ndarray, word: str, slots: int, user_words: UserWords
+) -> int | None:
     """How many characters of ``word`` are typed before the strip offers it (None: never).
 
     Offered with the whole word typed saves nothing (taking it or typing the
@@ -127,7 +137,7 @@ def _typed_before_offered(ranker: Ranker, log_probs: np.ndarray, word: str, slot
     """
     scores = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
     for typed in range(len(word)):
-        prediction = ranker.predict(scores, word[:typed], slots, 0)
+        prediction = ranker.predict(scores, word[:typed], slots, 0, user_words)
         strip = prediction.completions if typed else prediction.suggestions
         if any(s.word == word for s in strip):
             return typed

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import bisect
+import math
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +14,60 @@ from nextword.tokenizer import Vocab, is_word
 from nextword.v1 import nextword_pb2 as pb
 
 _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
+USER_WORDS = 128  # how many of a user's latest out-of-vocabulary words a session keeps
+USER_WORD_CHARS = 40  # a longer word is not kept (a session record stays a few kilobytes at most)
+
+
+class UserWords:
+    """The words a user typed lately that the model cannot name (outside its vocabulary).
+
+    A window of the latest ``USER_WORDS`` such words, oldest first, repeats included:
+    a name or a word of today's slang the model reads as ``<unk>`` becomes a completion
+    as soon as the user has typed it once. The ranker gives such a word its share of the
+    model's ``<unk>`` probability, in proportion to how often it is in the window.
+    The window is part of a session: stored with it, and kept across ``reset``.
+    """
+
+    def __init__(self, words: Iterable[str] = ()) -> None:
+        self._window: deque[str] = deque(maxlen=USER_WORDS)
+        self._counts: Counter[str] = Counter()
+        self.add(words)
+
+    def add(self, words: Iterable[str]) -> None:
+        """Append ``words`` (already out of the vocabulary), evicting the oldest beyond the bound."""
+        for word in words:
+            if len(word) > USER_WORD_CHARS:
+                continue
+            if len(self._window) == self._window.maxlen:
+                old = self._window[0]
+                self._counts[old] -= 1
+                if not self._counts[old]:
+                    del self._counts[old]
+            self._window.append(word)
+            self._counts[word] += 1
+
+    def after(self, words: Sequence[str]) -> UserWords:
+        """These words with ``words`` added (self when there are none: the common case)."""
+        if not words:
+            return self
+        grown = UserWords(self._window)
+        grown.add(words)
+        return grown
+
+    def words(self) -> list[str]:
+        """The window, oldest first (what a stored session keeps)."""
+        return list(self._window)
+
+    def starting(self, prefix: str) -> list[tuple[str, float]]:
+        """The words starting with ``prefix``, each with its share of the window."""
+        total = len(self._window)
+        return [(w, c / total) for w, c in self._counts.items() if w.startswith(prefix)]
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def __contains__(self, word: object) -> bool:
+        return word in self._counts
 
 
 @dataclass(frozen=True)
@@ -32,14 +89,29 @@ class Ranker:
 
     def __init__(self, vocab: Vocab, *, graph_k: int = 0) -> None:
         self.graph_k = graph_k  # the graphs rank this many offerable words themselves
+        self._vocab = vocab
         self._words = vocab.words
         self._suggestable = np.array([i for i, w in enumerate(vocab.words) if is_word(w)], dtype=np.int64)
         by_word = sorted(self._suggestable.tolist(), key=lambda i: vocab.words[i])
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
 
-    def predict(self, scores: Scores, partial: str, k: int, context_tokens: int) -> pb.Prediction:
-        """Suggestions from the graph's own top-k when it has enough; completions need the full row."""
+    def unknown(self, tokens: Iterable[str]) -> list[str]:
+        """The words among ``tokens`` the vocabulary lacks (what ``UserWords`` keeps)."""
+        return [t for t in tokens if self._vocab.id(t) == self._vocab.unk_id and is_word(t)]
+
+    def predict(
+        self,
+        scores: Scores,
+        partial: str,
+        k: int,
+        context_tokens: int,
+        user_words: UserWords | None = None,
+    ) -> pb.Prediction:
+        """Suggestions from the graph's own top-k when it has enough; completions need the full row.
+
+        ``user_words``: words outside the vocabulary the user typed, offered as completions too.
+        """
         if scores.top_values is not None and scores.top_ids is not None and k <= len(scores.top_values):
             # One exp and one conversion for all k: per-item numpy scalars cost more than the k words.
             probs, ids = np.exp(scores.top_values[:k]).tolist(), scores.top_ids[:k].tolist()
@@ -52,6 +124,8 @@ class Ranker:
         if partial:
             assert scores.log_probs is not None, "completions need the full distribution"
             completions = self._top(scores.log_probs, self.completion_ids(partial), k)
+            if user_words:
+                completions = self._with_user_words(completions, scores.log_probs, partial, k, user_words)
         return pb.Prediction(
             suggestions=suggestions,
             completions=completions,
@@ -75,3 +149,24 @@ class Ranker:
         words = self._words
         probs = np.exp(scores[keep]).tolist()
         return [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids[keep].tolist(), probs, strict=True)]
+
+    def _with_user_words(
+        self,
+        completions: list[pb.Suggestion],
+        log_probs: np.ndarray,
+        partial: str,
+        k: int,
+        user_words: UserWords,
+    ) -> list[pb.Suggestion]:
+        """``completions`` with the user's own words that start with ``partial``, best k of all.
+
+        Such a word gets p(<unk>) times its share of the user's window: the model's mass for
+        words it cannot name, spread over the ones this user does type.
+        """
+        found = user_words.starting(partial)
+        if not found:
+            return completions
+        unk = math.exp(float(log_probs[self._vocab.unk_id]))
+        extra = [pb.Suggestion(word=w, prob=unk * share) for w, share in found]
+        # Stable: a tie keeps the model's word first.
+        return sorted([*completions, *extra], key=lambda s: -s.prob)[:k]

@@ -12,7 +12,7 @@ from typing import NoReturn
 import grpc
 
 from nextword.bundle import MANIFEST, Bundle
-from nextword.ranking import Ranker
+from nextword.ranking import Ranker, UserWords
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -57,6 +57,7 @@ class _Applied:
     slot: int  # where the new state is (the old slot when no word was complete)
     pending: str
     context_tokens: int
+    user_words: UserWords  # with the words of this text the model cannot name
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
@@ -333,7 +334,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             raise
         self._pool.free(session.slot)
         session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
-        session.k, session.seq = record.k, record.seq
+        session.k, session.seq, session.user_words = record.k, record.seq, UserWords(record.user_words)
 
     async def _answer(
         self,
@@ -364,7 +365,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 step.pending,
                 step.context_tokens,
             )
-            session.k = k
+            session.k, session.user_words = k, step.user_words
             session.seq += 1
             self._sessions.touch(session)
             return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
@@ -387,19 +388,13 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         With a ``session`` and a store, its record goes to the store with the new state.
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
+        # A one-shot prediction's words are its text's; a session's, every text it was sent.
+        user_words = (UserWords() if session is None else session.user_words).after(
+            self._ranker.unknown(tokens)
+        )
         record = None
         if session is not None and self._persister is not None:
-            record = Record(
-                session.id,
-                session.principal,
-                self._fingerprint,
-                k,
-                session.seq + 1,
-                context_tokens + len(tokens),
-                partial,
-                b"",  # the batcher fills in the state the step leaves
-                session.epoch,
-            )
+            record = self._record(session, k, context_tokens + len(tokens), partial, user_words)
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
         lone = session is not None and len(self._streams) == 1  # nobody to batch with: no thread hops
@@ -427,8 +422,25 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         finally:
             ticket.close()
         context_tokens += len(tokens)
-        prediction = self._ranker.predict(scores, partial, k, context_tokens)
-        return _Applied(prediction, slot, partial, context_tokens)
+        prediction = self._ranker.predict(scores, partial, k, context_tokens, user_words)
+        return _Applied(prediction, slot, partial, context_tokens, user_words)
+
+    def _record(
+        self, session: SessionRecord, k: int, context_tokens: int, partial: str, user_words: UserWords
+    ) -> Record:
+        """What the store keeps of ``session`` once the request being answered is done."""
+        return Record(
+            session.id,
+            session.principal,
+            self._fingerprint,
+            k,
+            session.seq + 1,
+            context_tokens,
+            partial,
+            b"",  # the batcher fills in the state the step leaves
+            session.epoch,
+            tuple(user_words.words()),
+        )
 
     async def _cost(self, caller: _Caller, pending: str, text: str) -> tuple[list[str], str, Ticket]:
         """Tokenize within the limits, holding the request's tokens in the in-flight budget."""

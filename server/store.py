@@ -58,8 +58,10 @@ T = TypeVar("T")
 log = logging.getLogger("nextword.server")
 
 WRITTEN, TAKEN, STALE = 1, 0, 2  # what a write did to each record
-_FORMAT = 1  # first byte of an encoded record: what a future layout is told apart by
-_HEADER = struct.Struct("<BIQQIII")  # format, k, seq, context tokens, len(principal, pending, model)
+_FORMAT = 2  # first byte of an encoded record: what a future layout is told apart by
+# format, k, seq, context tokens, then the length of each string: principal, pending, model and
+# (format 2 on) the user's words. Format 1, without them, is still read: a rolling upgrade.
+_HEADERS = {1: struct.Struct("<BIQQIII"), 2: struct.Struct("<BIQQIIII")}
 
 
 class StoreError(Exception):
@@ -79,23 +81,29 @@ class Record:
     pending: str
     state: bytes
     epoch: int = 0  # the claim this record was written under (see the module docstring)
+    user_words: tuple[str, ...] = ()  # nextword.ranking.UserWords, oldest first
 
     def encode(self) -> bytes:
-        strings = [s.encode("utf-8") for s in (self.principal, self.pending, self.model)]
-        header = _HEADER.pack(_FORMAT, self.k, self.seq, self.context_tokens, *map(len, strings))
+        fields = (self.principal, self.pending, self.model, " ".join(self.user_words))
+        strings = [s.encode("utf-8") for s in fields]
+        header = _HEADERS[_FORMAT].pack(_FORMAT, self.k, self.seq, self.context_tokens, *map(len, strings))
         return b"".join((header, *strings, self.state))
 
     @classmethod
     def decode(cls, session_id: str, data: bytes, epoch: int) -> Record:
-        fmt, k, seq, context_tokens, *lengths = _HEADER.unpack_from(data)
-        if fmt != _FORMAT:
-            raise StoreError(f"session record of unknown format {fmt}")
-        at, strings = _HEADER.size, []
+        layout = _HEADERS.get(data[0]) if data else None
+        if layout is None:
+            raise StoreError(f"session record of unknown format {data[:1].hex() or 'empty'}")
+        _, k, seq, context_tokens, *lengths = layout.unpack_from(data)
+        at, strings = layout.size, []
         for n in lengths:
             strings.append(data[at : at + n].decode("utf-8"))
             at += n
-        principal, pending, model = strings
-        return cls(session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch)
+        principal, pending, model, *words = strings
+        user_words = tuple(words[0].split()) if words else ()
+        return cls(
+            session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch, user_words
+        )
 
 
 class SessionStore(ABC):

@@ -110,3 +110,16 @@ def test_eval_cli_prints_keystroke_savings(tiny_bundle: Path, tiny_corpus: Path)
         [sys.executable, "-m", "nextword.cli", *cmd], capture_output=True, text=True, check=True, timeout=120
     )
     assert "keystroke savings" in plain.stdout
+
+
+def test_a_word_outside_the_vocabulary_is_offered_once_typed(lm: OnnxLM) -> None:
+    """As a session does, the simulation offers a word the model cannot name once the text has used
+    it. Both texts read the same to the model (every odd word is <unk>); only in the first has the
+    user typed "zyzzyva" before, so there its second time costs at most "zy" and one key, not 8."""
+    vocab = lm.bundle.vocab
+    assert vocab.id("zyzzyva") == vocab.id("qwxzyva") == vocab.unk_id
+    seen = keystroke_savings(lm, "the zyzzyva sat . the zyzzyva", slots=3)
+    unseen = keystroke_savings(lm, "the qwxzyva sat . the zyzzyva", slots=3)
+    assert seen["keys_without_prediction"] == unseen["keys_without_prediction"]
+    assert unseen["keys"] - seen["keys"] >= 8 - (2 + 1)
+    assert seen["selections"] == unseen["selections"] + 1

@@ -564,3 +564,31 @@ async def test_a_corrupt_bundle_is_refused(tiny_bundle: Path, tmp_path: Path) ->
     assert proc.returncode == 2
     message = stderr.decode()
     assert "vocab.txt" in message and "sha256" in message and "Traceback" not in message
+
+
+async def test_a_word_the_model_lacks_is_completed_once_the_user_typed_it(
+    stub: pb_grpc.NextWordStub, tiny_bundle: Path
+) -> None:
+    """A name or a new word reads as <unk> to the model; typed once, it is a completion from then on,
+    with its share of the model's <unk> probability, after a resume and in a one-shot Predict too."""
+    vocab = load_bundle(tiny_bundle).vocab
+    assert vocab.id("zyzzyva") == vocab.unk_id  # the premise: the model cannot name it
+    before = await stub.Predict(pb.PredictRequest(text="the zy", k=5))
+    assert "zyzzyva" not in [s.word for s in before.prediction.completions]
+
+    chat = Chat(stub)
+    await chat.say("the zyzzyva sat on the mat . the ")
+    reply = await chat.say("zy", k=5)
+    (offered,) = [s for s in reply.prediction.completions if s.word == "zyzzyva"]
+    assert 0 < offered.prob < 1
+    chat.call.cancel()
+
+    resumed = Chat(stub)  # the session keeps its words across streams
+    again = await resumed.say("", session_id=chat.session_id, k=5)
+    assert_same(again.prediction, reply.prediction)
+    once_more = await resumed.say("zz", k=5)
+    assert once_more.prediction.completions[0].word == "zyzzyva"  # nothing else starts with "zyzz"
+    await resumed.close()
+
+    whole = await stub.Predict(pb.PredictRequest(text="the zyzzyva sat on the mat . the zy", k=5))
+    assert_same(whole.prediction, reply.prediction)

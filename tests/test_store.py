@@ -3,13 +3,24 @@ skipped, records expire. The same checks against a real SQLite file and a real R
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from nextword.server.store import STALE, TAKEN, WRITTEN, Record, SessionStore, SqliteStore, open_store
+from nextword.server.store import (
+    STALE,
+    TAKEN,
+    WRITTEN,
+    Record,
+    SessionStore,
+    SqliteStore,
+    StoreError,
+    open_store,
+)
 from tests.services import redis_server
 
 
@@ -28,7 +39,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SessionSto
 
 
 def _record(seq: int, epoch: int = 0, state: bytes = b"\x01\x02" * 8) -> Record:
-    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch)
+    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch, ("zyzzyva", "olé"))
 
 
 def test_a_record_round_trips_through_a_claim(store: SessionStore) -> None:
@@ -36,6 +47,18 @@ def test_a_record_round_trips_through_a_claim(store: SessionStore) -> None:
     claimed = store.claim("s1", ttl=60)
     assert claimed == _record(1, epoch=1)  # every field as written, the epoch moved on
     assert store.claim("nope", ttl=60) is None
+
+
+def test_records_of_the_previous_format_are_still_read() -> None:
+    """A rolling upgrade: records a server of format 1 wrote (no user words) resume on this one."""
+    old = _record(4)
+    strings = [x.encode() for x in (old.principal, old.pending, old.model)]
+    header = struct.pack("<BIQQIII", 1, old.k, old.seq, old.context_tokens, *map(len, strings))
+    data = b"".join((header, *strings, old.state))
+    assert Record.decode("s1", data, 0) == replace(old, user_words=())
+    assert Record.decode("s1", old.encode(), 0) == old
+    with pytest.raises(StoreError, match="unknown format 09"):
+        Record.decode("s1", b"\x09" + data[1:], 0)
 
 
 def test_a_claim_fences_writes_of_the_old_epoch_and_old_seqs_are_skipped(store: SessionStore) -> None:
