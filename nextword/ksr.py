@@ -38,7 +38,7 @@ Remaining differences from ``presage_simulator``:
 * Presage starts its selection counter at 1 and counts an empty last token when
   the text ends in a separator (at most two keys in total); we count neither.
 * Presage does not re-offer, within a word, suggestions it already showed
-  (``REPEAT_SUGGESTIONS`` no); the server's strip is recomputed each time.
+  (``REPEAT_SUGGESTIONS`` no); here that is ``no_repeat``, off unless asked for.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from nextword.progress import progress
-from nextword.ranking import Ranker, Scores, UserWords
+from nextword.ranking import PROBABILITY, Ranker, Scores, UserWords
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word, split_partial
 
@@ -81,9 +81,18 @@ def typed_words(text: str) -> Iterator[tuple[list[str], str]]:
 
 
 def keystroke_savings(
-    lm: OnnxLM, text: str, *, slots: int = 3, max_chars: int | None = None
+    lm: OnnxLM,
+    text: str,
+    *,
+    slots: int = 3,
+    max_chars: int | None = None,
+    policy: str = PROBABILITY,
+    no_repeat: bool = False,
 ) -> dict[str, Any]:
     """Simulate typing ``text`` (its first ``max_chars`` characters) with a ``slots``-word strip.
+
+    ``policy`` fills the strip (``Ranker.predict``); ``no_repeat``: a word the strip showed
+    earlier in the same word, and the user passed over, is not shown again.
 
     Returns ``ksr`` (1 - keys / keys_without_prediction), ``keys`` (characters
     typed + suggestions taken), ``keys_without_prediction``, ``selections``,
@@ -103,7 +112,7 @@ def keystroke_savings(
             log_probs, state = lm.step(np.array([vocab.encode(before)], dtype=np.int64), state)
             user_words.add(ranker.unknown(before))
         typed = (
-            _typed_before_offered(ranker, log_probs[0], word, slots, user_words)
+            _typed_before_offered(ranker, log_probs[0], word, slots, user_words, policy, no_repeat)
             if word in offerable or word in user_words
             else None
         )
@@ -124,11 +133,19 @@ def keystroke_savings(
         "words": words,
         "ksr_chars": len(text),
         "slots": slots,
+        "policy": policy,
+        "no_repeat": no_repeat,
     }
 
 
 def _typed_before_offered(
-    ranker: Ranker, log_probs: np.ndarray, word: str, slots: int, user_words: UserWords
+    ranker: Ranker,
+    log_probs: np.ndarray,
+    word: str,
+    slots: int,
+    user_words: UserWords,
+    policy: str,
+    no_repeat: bool,
 ) -> int | None:
     """How many characters of ``word`` are typed before the strip offers it (None: never).
 
@@ -136,9 +153,13 @@ def _typed_before_offered(
     space is one key either way), so only shorter prefixes are looked at.
     """
     scores = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
+    passed: set[str] = set()  # shown in this word and not taken (the user typed on)
     for typed in range(len(word)):
-        prediction = ranker.predict(scores, word[:typed], slots, 0, user_words)
-        strip = prediction.completions if typed else prediction.suggestions
-        if any(s.word == word for s in strip):
+        prediction = ranker.predict(
+            scores, word[:typed], slots, 0, user_words, policy=policy, passed=passed if no_repeat else ()
+        )
+        strip = [s.word for s in (prediction.completions if typed else prediction.suggestions)]
+        if word in strip:
             return typed
+        passed.update(strip)
     return None

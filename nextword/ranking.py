@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +14,12 @@ from nextword.tokenizer import Vocab, is_word
 from nextword.v1 import nextword_pb2 as pb
 
 _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
+PROBABILITY, KEYSTROKES = "probability", "keystrokes"  # how a strip's slots are filled (Ranker.predict)
+POLICIES = (PROBABILITY, KEYSTROKES)
+# Keys a word saves by being offered now rather than after one more letter: at most one, as it
+# can be offered then too (none for a word typed in full). Ranking by probability × all the
+# letters left measured worse: 0.9-1.0 points of keystroke savings fewer than probability alone.
+GAIN_CAP = 1.0
 USER_WORDS = 128  # how many of a user's latest out-of-vocabulary words a session keeps
 USER_WORD_CHARS = 40  # a longer word is not kept (a session record stays a few kilobytes at most)
 
@@ -95,6 +101,7 @@ class Ranker:
         by_word = sorted(self._suggestable.tolist(), key=lambda i: vocab.words[i])
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
+        self._lengths = np.array([len(w) for w in vocab.words], dtype=np.float64)  # keys a word costs
 
     def unknown(self, tokens: Iterable[str]) -> list[str]:
         """The words among ``tokens`` the vocabulary lacks (what ``UserWords`` keeps)."""
@@ -107,25 +114,28 @@ class Ranker:
         k: int,
         context_tokens: int,
         user_words: UserWords | None = None,
+        *,
+        policy: str = PROBABILITY,
+        passed: Collection[str] = (),
     ) -> pb.Prediction:
         """Suggestions from the graph's own top-k when it has enough; completions need the full row.
 
         ``user_words``: words outside the vocabulary the user typed, offered as completions too.
+        ``policy``: fill the slots by probability, or by the keys a word is expected to save by
+        being offered now (``KEYSTROKES``: probability × ``GAIN_CAP``-capped characters left, so a
+        word already typed in full, which would save nothing, takes no slot). ``passed``: words
+        shown earlier in this word and not taken, not offered again.
         """
-        if scores.top_values is not None and scores.top_ids is not None and k <= len(scores.top_values):
-            # One exp and one conversion for all k: per-item numpy scalars cost more than the k words.
-            probs, ids = np.exp(scores.top_values[:k]).tolist(), scores.top_ids[:k].tolist()
-            words = self._words
-            suggestions = [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids, probs, strict=True)]
-        else:
-            assert scores.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
-            suggestions = self._top(scores.log_probs, self._suggestable, k)
+        typed = None if policy == PROBABILITY else len(partial)
+        suggestions = self._suggestions(scores, k, typed)
         completions = []
         if partial:
             assert scores.log_probs is not None, "completions need the full distribution"
-            completions = self._top(scores.log_probs, self.completion_ids(partial), k)
+            completions = self._top(scores.log_probs, self.completion_ids(partial), k, typed, passed)
             if user_words:
-                completions = self._with_user_words(completions, scores.log_probs, partial, k, user_words)
+                completions = self._with_user_words(
+                    completions, scores.log_probs, partial, k, user_words, typed, passed
+                )
         return pb.Prediction(
             suggestions=suggestions,
             completions=completions,
@@ -133,19 +143,48 @@ class Ranker:
             context_tokens=context_tokens,
         )
 
+    def _suggestions(self, scores: Scores, k: int, typed: int | None) -> list[pb.Suggestion]:
+        if scores.top_values is not None and scores.top_ids is not None and k <= len(scores.top_values):
+            if typed is not None:  # by keys saved, among the words the graph ranked
+                return self._top(scores.top_values, scores.top_ids, k, typed, (), values_by_id=False)
+            # One exp and one conversion for all k: per-item numpy scalars cost more than the k words.
+            probs, ids = np.exp(scores.top_values[:k]).tolist(), scores.top_ids[:k].tolist()
+            words = self._words
+            return [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids, probs, strict=True)]
+        assert scores.log_probs is not None, "the batcher fetches log_probs when the graph ranks too few"
+        return self._top(scores.log_probs, self._suggestable, k, typed, ())
+
     def completion_ids(self, prefix: str) -> np.ndarray:
         """Ids of the suggestable words that start with ``prefix`` (already normalised)."""
         lo = bisect.bisect_left(self._sorted_words, prefix)
         hi = bisect.bisect_left(self._sorted_words, prefix + _PREFIX_END, lo)
         return self._sorted_ids[lo:hi]
 
-    def _top(self, log_probs: np.ndarray, ids: np.ndarray, k: int) -> list[pb.Suggestion]:
+    def _top(
+        self,
+        log_probs: np.ndarray,
+        ids: np.ndarray,
+        k: int,
+        typed: int | None,
+        passed: Collection[str],
+        *,
+        values_by_id: bool = True,
+    ) -> list[pb.Suggestion]:
+        """The best ``k`` of ``ids``: by probability (``typed`` None) or by probability × the
+        characters left after ``typed`` (capped: ``GAIN_CAP``). ``log_probs`` is indexed by id, or (not
+        ``values_by_id``) aligned with ``ids``."""
+        scores = log_probs[ids] if values_by_id else log_probs
+        if passed:
+            fresh = ~np.isin(ids, [self._vocab.id(w) for w in passed])
+            ids, scores = ids[fresh], scores[fresh]
         if len(ids) == 0:
             return []
-        scores = log_probs[ids]
+        key = (
+            scores if typed is None else scores + np.log(np.clip(self._lengths[ids] - typed, 1e-9, GAIN_CAP))
+        )
         # Partial selection first (linear), then sort only the k kept.
-        keep = np.argpartition(-scores, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
-        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        keep = np.argpartition(-key, k - 1)[:k] if k < len(ids) else np.arange(len(ids))
+        keep = keep[np.argsort(-key[keep], kind="stable")]
         words = self._words
         probs = np.exp(scores[keep]).tolist()
         return [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids[keep].tolist(), probs, strict=True)]
@@ -157,16 +196,21 @@ class Ranker:
         partial: str,
         k: int,
         user_words: UserWords,
+        typed: int | None,
+        passed: Collection[str],
     ) -> list[pb.Suggestion]:
         """``completions`` with the user's own words that start with ``partial``, best k of all.
 
         Such a word gets p(<unk>) times its share of the user's window: the model's mass for
         words it cannot name, spread over the ones this user does type.
         """
-        found = user_words.starting(partial)
+        found = [(w, share) for w, share in user_words.starting(partial) if w not in passed]
         if not found:
             return completions
         unk = math.exp(float(log_probs[self._vocab.unk_id]))
         extra = [pb.Suggestion(word=w, prob=unk * share) for w, share in found]
-        # Stable: a tie keeps the model's word first.
-        return sorted([*completions, *extra], key=lambda s: -s.prob)[:k]
+
+        def key(s: pb.Suggestion) -> float:
+            return -s.prob if typed is None else -s.prob * min(len(s.word) - typed, GAIN_CAP)
+
+        return sorted([*completions, *extra], key=key)[:k]  # stable: a tie keeps the model's word first

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import pytest
 
-from nextword.ranking import USER_WORD_CHARS, USER_WORDS, UserWords
+from nextword.ranking import KEYSTROKES, USER_WORD_CHARS, USER_WORDS, Ranker, Scores, UserWords
+from nextword.tokenizer import SPECIALS, Vocab
+from nextword.v1 import nextword_pb2 as pb
 
 
 def test_the_window_keeps_the_latest_words_and_their_shares() -> None:
@@ -27,3 +32,51 @@ def test_after_leaves_the_session_s_words_as_they_are() -> None:
 def test_a_word_too_long_to_be_a_word_is_not_kept() -> None:
     words = UserWords(["x" * (USER_WORD_CHARS + 1), "x" * USER_WORD_CHARS])
     assert words.words() == ["x" * USER_WORD_CHARS]
+
+
+WORDS = ("the", "an", "and", "ant", "another", "antelope")
+PROBS = (0.2, 0.3, 0.25, 0.05, 0.08, 0.10)  # what a model might give after some context
+
+
+def _ranker_and_scores() -> tuple[Ranker, Scores]:
+    vocab = Vocab((*SPECIALS, *WORDS))
+    log_probs = np.full(len(vocab), np.log(0.0025), dtype=np.float32)
+    for word, p in zip(WORDS, PROBS, strict=True):
+        log_probs[vocab.id(word)] = np.log(p)
+    log_probs[vocab.unk_id] = np.log(0.02)  # the words it cannot name
+    order = np.array(sorted((vocab.id(w) for w in WORDS), key=lambda i: -log_probs[i]))
+    return Ranker(vocab, graph_k=len(order)), Scores(log_probs[order], order, log_probs)
+
+
+def _words(strip: Sequence[pb.Suggestion]) -> list[str]:
+    return [s.word for s in strip]
+
+
+def test_the_keystroke_policy_gives_no_slot_to_a_word_that_saves_nothing() -> None:
+    ranker, scores = _ranker_and_scores()
+    by_probability = ranker.predict(scores, "an", 3, 0)
+    assert _words(by_probability.completions) == ["an", "and", "antelope"]
+    # "an" is typed in full: taking it saves no key. The slot goes to the next most likely word.
+    by_keys = ranker.predict(scores, "an", 3, 0, policy=KEYSTROKES)
+    assert _words(by_keys.completions) == ["and", "antelope", "another"]
+    assert by_keys.completions[0].prob == pytest.approx(0.25)  # the probability, whatever the order
+    # Before any letter every word saves a key or more: the order is the probability's.
+    assert _words(ranker.predict(scores, "", 3, 0, policy=KEYSTROKES).suggestions) == ["an", "and", "the"]
+
+
+def test_words_passed_over_are_not_offered_again_and_user_words_join_the_strip() -> None:
+    ranker, scores = _ranker_and_scores()
+    passed = ranker.predict(scores, "an", 3, 0, passed={"an", "and"})
+    assert _words(passed.completions) == ["antelope", "another", "ant"]
+    user = UserWords(["antidisestablishment"])  # outside the vocabulary: all of p(<unk>) = .02
+    assert _words(ranker.predict(scores, "an", 4, 0, user).completions) == [
+        "an",
+        "and",
+        "antelope",
+        "another",
+    ]
+    with_user = ranker.predict(scores, "an", 3, 0, user, passed={"an", "and", "another"})
+    assert _words(with_user.completions) == ["antelope", "ant", "antidisestablishment"]
+    assert with_user.completions[2].prob == pytest.approx(0.02)
+    again = ranker.predict(scores, "an", 3, 0, user, policy=KEYSTROKES, passed={"antidisestablishment"})
+    assert "antidisestablishment" not in _words(again.completions)
