@@ -24,6 +24,7 @@ from nextword.bundle import BundleError, load_bundle
 from nextword.ksr import keystroke_savings
 from nextword.options import from_args, option, positional, required, switch
 from nextword.progress import progress
+from nextword.ranking import POLICIES, PROBABILITY
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
 
@@ -40,6 +41,12 @@ class EvalOptions:
     ksr: bool = switch("also simulate typing the text with a suggestion strip: keystroke savings")
     ksr_chars: int = option(20000, "keystroke savings: simulate the first N characters")
     slots: int = option(3, "keystroke savings: suggestions shown on the strip")
+    strip: str = option(
+        PROBABILITY,
+        "keystroke savings: how the strip is filled (keystrokes: a word typed in full goes last)",
+        choices=POLICIES,
+    )
+    no_repeat: bool = switch("keystroke savings: within a word, do not offer again what the user typed past")
 
 
 def evaluate(
@@ -87,7 +94,16 @@ def main(args: argparse.Namespace) -> int:
         result = evaluate(opts.bundle, opts.data, fmt=opts.format, lm=lm)
         if opts.ksr:
             text = opts.data.read_text(encoding="utf-8")
-            result.update(keystroke_savings(lm, text, slots=opts.slots, max_chars=opts.ksr_chars))
+            result.update(
+                keystroke_savings(
+                    lm,
+                    text,
+                    slots=opts.slots,
+                    max_chars=opts.ksr_chars,
+                    policy=opts.strip,
+                    no_repeat=opts.no_repeat,
+                )
+            )
     except (BundleError, OSError, ValueError) as exc:
         print(f"nextword eval: error: {exc}", file=sys.stderr)
         return 2
@@ -102,7 +118,8 @@ def _table(opts: EvalOptions, result: dict[str, Any]) -> str:
     ]
     if opts.ksr:
         lines.append(
-            f"keystroke savings {result['ksr']:.2%} with {opts.slots} slots  ({result['keys']:,} of "
+            f"keystroke savings {result['ksr']:.2%} with {opts.slots} slots, {opts.strip} strip"
+            f"{', no repeats' if opts.no_repeat else ''}  ({result['keys']:,} of "
             f"{result['keys_without_prediction']:,} keys, first {result['ksr_chars']:,} characters)"
         )
     return "\n".join(lines)

@@ -6,7 +6,7 @@ import bisect
 import math
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -17,7 +17,7 @@ _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds th
 PROBABILITY, KEYSTROKES = "probability", "keystrokes"  # how a strip's slots are filled (Ranker.predict)
 POLICIES = (PROBABILITY, KEYSTROKES)
 # Keys a word saves by being offered now rather than after one more letter: at most one, as it
-# can be offered then too (none for a word typed in full). Ranking by probability × all the
+# can be offered then too (none for a word typed in full, which goes last). Ranking by probability × all the
 # letters left measured worse: 0.9-1.0 points of keystroke savings fewer than probability alone.
 GAIN_CAP = 1.0
 USER_WORDS = 128  # how many of a user's latest out-of-vocabulary words a session keeps
@@ -77,6 +77,35 @@ class UserWords:
 
 
 @dataclass(frozen=True)
+class StripState:
+    """How a session's strip is filled, and with ``no_repeat`` what its current word has shown."""
+
+    policy: str = PROBABILITY
+    no_repeat: bool = False
+    passed: tuple[str, ...] = ()  # shown earlier in the current word, and typed past
+    shown: tuple[str, ...] = ()  # shown by the latest reply
+
+    def chosen(self, strip: pb.Strip) -> StripState:
+        """This state under the settings a request chose (``Strip`` of the API)."""
+        policy = KEYSTROKES if strip.policy == pb.Strip.POLICY_KEYSTROKES else PROBABILITY
+        return replace(self, policy=policy, no_repeat=strip.no_repeat)
+
+    def passing(self, *, new_word: bool, grew: bool) -> tuple[str, ...]:
+        """The words not to offer now: none in a new word; in the same word, those passed over
+        before and, when the user typed on (``grew``), the latest reply's too."""
+        if not self.no_repeat or new_word:
+            return ()
+        return self.passed + self.shown if grew else self.passed
+
+    def after(self, passed: tuple[str, ...], prediction: pb.Prediction) -> StripState:
+        """The state once ``prediction`` is shown, ``passed`` having been left out of it."""
+        if not self.no_repeat:
+            return self
+        strip = prediction.completions if prediction.partial else prediction.suggestions
+        return replace(self, passed=passed, shown=tuple(s.word for s in strip))
+
+
+@dataclass(frozen=True)
 class Scores:
     """One context's next-word scores, as much of them as a graph call fetched."""
 
@@ -123,8 +152,8 @@ class Ranker:
         ``user_words``: words outside the vocabulary the user typed, offered as completions too.
         ``policy``: fill the slots by probability, or by the keys a word is expected to save by
         being offered now (``KEYSTROKES``: probability × ``GAIN_CAP``-capped characters left, so a
-        word already typed in full, which would save nothing, takes no slot). ``passed``: words
-        shown earlier in this word and not taken, not offered again.
+        word already typed in full, which would save nothing, comes after every word that saves a
+        key). ``passed``: words shown earlier in this word and not taken, not offered again.
         """
         typed = None if policy == PROBABILITY else len(partial)
         suggestions = self._suggestions(scores, k, typed)

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import grpc
 
 from nextword.bundle import MANIFEST, Bundle
-from nextword.ranking import Ranker, UserWords
+from nextword.ranking import Ranker, Scores, StripState, UserWords
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -58,6 +58,7 @@ class _Applied:
     pending: str
     context_tokens: int
     user_words: UserWords  # with the words of this text the model cannot name
+    strip: StripState  # with what this prediction showed
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
@@ -146,7 +147,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         await self._validate("Predict", context, request.text, request.k, request.model)
         k = request.k or self._config.default_k
         caller = _Caller("Predict", context)
-        step = await self._apply_text(caller, INITIAL, "", 0, request.text, k, keep=False)
+        strip = StripState().chosen(request.strip) if request.HasField("strip") else StripState()
+        step = await self._apply_text(caller, INITIAL, "", 0, request.text, k, keep=False, strip=strip)
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
         return pb.PredictReply(prediction=step.prediction)
 
@@ -335,6 +337,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._pool.free(session.slot)
         session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
         session.k, session.seq, session.user_words = record.k, record.seq, UserWords(record.user_words)
+        session.strip = record.strip
 
     async def _answer(
         self,
@@ -349,9 +352,12 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             else:
                 src, pending, context_tokens = session.slot, session.pending, session.context_tokens
             k = request.k or session.k
+            strip = session.strip.chosen(request.strip) if request.HasField("strip") else session.strip
+            if request.reset:
+                strip = replace(strip, passed=(), shown=())
             caller = _Caller("Session", context, session.id)
             step = await self._apply_text(
-                caller, src, pending, context_tokens, request.text, k, keep=True, session=session
+                caller, src, pending, context_tokens, request.text, k, keep=True, session=session, strip=strip
             )
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
@@ -365,7 +371,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 step.pending,
                 step.context_tokens,
             )
-            session.k, session.user_words = k, step.user_words
+            session.k, session.user_words, session.strip = k, step.user_words, step.strip
             session.seq += 1
             self._sessions.touch(session)
             return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
@@ -381,6 +387,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         *,
         keep: bool,
         session: SessionRecord | None = None,
+        strip: StripState,
     ) -> _Applied:
         """Feed the complete words of ``pending + text`` to the model; predict from the result.
 
@@ -392,12 +399,45 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         user_words = (UserWords() if session is None else session.user_words).after(
             self._ranker.unknown(tokens)
         )
+        passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
         record = None
         if session is not None and self._persister is not None:
-            record = self._record(session, k, context_tokens + len(tokens), partial, user_words)
+            # What this reply will show is not known until after the step: not stored.
+            record = self._record(
+                session,
+                k,
+                context_tokens + len(tokens),
+                partial,
+                user_words,
+                replace(strip, passed=passed, shown=()),
+            )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
         lone = session is not None and len(self._streams) == 1  # nobody to batch with: no thread hops
+        scores, slot = await self._model(
+            tokens, src, ticket, keep=keep, whole=whole, record=record, lone=lone
+        )
+        context_tokens += len(tokens)
+        prediction = self._ranker.predict(
+            scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
+        )
+        return _Applied(
+            prediction, slot, partial, context_tokens, user_words, strip.after(passed, prediction)
+        )
+
+    async def _model(
+        self,
+        tokens: list[str],
+        src: int,
+        ticket: Ticket,
+        *,
+        keep: bool,
+        whole: bool,
+        record: Record | None,
+        lone: bool,
+    ) -> tuple[Scores, int]:
+        """Feed ``tokens`` from the state in slot ``src`` (with none, read that state): the next word's
+        scores, and the slot of the new state (with ``keep`` a fresh one the caller now holds)."""
         slot = src
         try:
             if tokens:
@@ -421,12 +461,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             raise
         finally:
             ticket.close()
-        context_tokens += len(tokens)
-        prediction = self._ranker.predict(scores, partial, k, context_tokens, user_words)
-        return _Applied(prediction, slot, partial, context_tokens, user_words)
+        return scores, slot
 
     def _record(
-        self, session: SessionRecord, k: int, context_tokens: int, partial: str, user_words: UserWords
+        self,
+        session: SessionRecord,
+        k: int,
+        context_tokens: int,
+        partial: str,
+        user_words: UserWords,
+        strip: StripState,
     ) -> Record:
         """What the store keeps of ``session`` once the request being answered is done."""
         return Record(
@@ -440,6 +484,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             b"",  # the batcher fills in the state the step leaves
             session.epoch,
             tuple(user_words.words()),
+            strip,
         )
 
     async def _cost(self, caller: _Caller, pending: str, text: str) -> tuple[list[str], str, Ticket]:

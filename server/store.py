@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
+from nextword.ranking import KEYSTROKES, PROBABILITY, StripState
+
 from .metrics import Metrics
 
 T = TypeVar("T")
@@ -59,9 +61,12 @@ log = logging.getLogger("nextword.server")
 
 WRITTEN, TAKEN, STALE = 1, 0, 2  # what a write did to each record
 _FORMAT = 2  # first byte of an encoded record: what a future layout is told apart by
-# format, k, seq, context tokens, then the length of each string: principal, pending, model and
-# (format 2 on) the user's words. Format 1, without them, is still read: a rolling upgrade.
-_HEADERS = {1: struct.Struct("<BIQQIII"), 2: struct.Struct("<BIQQIIII")}
+# Format 1: format, k, seq, context tokens, then the length of each string: principal, pending,
+# model. Format 2 adds a byte of strip flags after the context tokens, and three more strings: the
+# user's words, the words passed over and the words shown (space-separated). Format 1 is still read.
+_HEADERS = {1: struct.Struct("<BIQQIII"), 2: struct.Struct("<BIQQBIIIIII")}
+_NO_REPEAT, _KEYSTROKES = 1, 2  # strip flags
+_PLAIN = StripState()  # by probability, repeats allowed
 
 
 class StoreError(Exception):
@@ -82,11 +87,18 @@ class Record:
     state: bytes
     epoch: int = 0  # the claim this record was written under (see the module docstring)
     user_words: tuple[str, ...] = ()  # nextword.ranking.UserWords, oldest first
+    strip: StripState = _PLAIN
 
     def encode(self) -> bytes:
-        fields = (self.principal, self.pending, self.model, " ".join(self.user_words))
-        strings = [s.encode("utf-8") for s in fields]
-        header = _HEADERS[_FORMAT].pack(_FORMAT, self.k, self.seq, self.context_tokens, *map(len, strings))
+        strip = self.strip
+        words = (self.user_words, strip.passed, strip.shown)
+        strings = [
+            s.encode("utf-8") for s in (self.principal, self.pending, self.model, *map(" ".join, words))
+        ]
+        flags = _NO_REPEAT * strip.no_repeat | _KEYSTROKES * (strip.policy == KEYSTROKES)
+        header = _HEADERS[_FORMAT].pack(
+            _FORMAT, self.k, self.seq, self.context_tokens, flags, *map(len, strings)
+        )
         return b"".join((header, *strings, self.state))
 
     @classmethod
@@ -94,15 +106,19 @@ class Record:
         layout = _HEADERS.get(data[0]) if data else None
         if layout is None:
             raise StoreError(f"session record of unknown format {data[:1].hex() or 'empty'}")
-        _, k, seq, context_tokens, *lengths = layout.unpack_from(data)
+        fmt, k, seq, context_tokens, *rest = layout.unpack_from(data)
+        flags, lengths = (rest[0], rest[1:]) if fmt >= 2 else (0, rest)
         at, strings = layout.size, []
         for n in lengths:
             strings.append(data[at : at + n].decode("utf-8"))
             at += n
-        principal, pending, model, *words = strings
-        user_words = tuple(words[0].split()) if words else ()
+        principal, pending, model, *lists = strings
+        user_words, passed, shown = (tuple(x.split()) for x in lists) if lists else ((), (), ())
+        strip = StripState(
+            KEYSTROKES if flags & _KEYSTROKES else PROBABILITY, bool(flags & _NO_REPEAT), passed, shown
+        )
         return cls(
-            session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch, user_words
+            session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch, user_words, strip
         )
 
 

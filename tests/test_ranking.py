@@ -52,7 +52,7 @@ def _words(strip: Sequence[pb.Suggestion]) -> list[str]:
     return [s.word for s in strip]
 
 
-def test_the_keystroke_policy_gives_no_slot_to_a_word_that_saves_nothing() -> None:
+def test_the_keystroke_policy_puts_a_word_that_saves_nothing_last() -> None:
     ranker, scores = _ranker_and_scores()
     by_probability = ranker.predict(scores, "an", 3, 0)
     assert _words(by_probability.completions) == ["an", "and", "antelope"]

@@ -592,3 +592,35 @@ async def test_a_word_the_model_lacks_is_completed_once_the_user_typed_it(
 
     whole = await stub.Predict(pb.PredictRequest(text="the zyzzyva sat on the mat . the zy", k=5))
     assert_same(whole.prediction, reply.prediction)
+
+
+async def test_the_keystroke_strip_puts_a_word_typed_in_full_last(stub: pb_grpc.NextWordStub) -> None:
+    by_probability = await stub.Predict(pb.PredictRequest(text="the cat sat on a", k=10))
+    words = [s.word for s in by_probability.prediction.completions]
+    assert words[0] == "a" and len(words) >= 3  # typed in full: taking it saves nothing
+    keys = pb.Strip(policy=pb.Strip.POLICY_KEYSTROKES)
+    by_keys = await stub.Predict(pb.PredictRequest(text="the cat sat on a", k=10, strip=keys))
+    assert [s.word for s in by_keys.prediction.completions] == [*words[1:], "a"]
+    chat = Chat(stub)  # a session keeps the strip it was given
+    await chat.say("the cat sat on ", strip=keys)
+    assert_same((await chat.say("a", k=10)).prediction, by_keys.prediction)
+    await chat.close()
+
+
+async def test_no_repeat_leaves_out_what_the_user_typed_past(
+    stub: pb_grpc.NextWordStub,
+) -> None:
+    chat = Chat(stub)
+    first = await chat.say("the ", k=3, strip=pb.Strip(no_repeat=True))
+    shown = {s.word for s in first.prediction.suggestions}
+    for letters in ("c", "a"):  # the user types on: what was shown is not shown again in this word
+        reply = await chat.say(letters)
+        now = {s.word for s in reply.prediction.completions}
+        assert now and not now & shown, (letters, now, shown)
+        shown |= now
+    peek = await chat.say("")  # nothing typed: the same strip again
+    assert {s.word for s in peek.prediction.completions} == now
+    after = await chat.say("t ")  # a new word: everything may be offered again
+    plain = await stub.Predict(pb.PredictRequest(text="the cat ", k=3))
+    assert_same(after.prediction, plain.prediction)
+    await chat.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nextword.ranking import KEYSTROKES, StripState
 from nextword.server.store import (
     STALE,
     TAKEN,
@@ -38,8 +39,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SessionSto
         redis.close()
 
 
+STRIP = StripState(KEYSTROKES, no_repeat=True, passed=("true", "truth"), shown=())
+
+
 def _record(seq: int, epoch: int = 0, state: bytes = b"\x01\x02" * 8) -> Record:
-    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch, ("zyzzyva", "olé"))
+    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch, ("zyzzyva", "olé"), STRIP)
 
 
 def test_a_record_round_trips_through_a_claim(store: SessionStore) -> None:
@@ -55,7 +59,7 @@ def test_records_of_the_previous_format_are_still_read() -> None:
     strings = [x.encode() for x in (old.principal, old.pending, old.model)]
     header = struct.pack("<BIQQIII", 1, old.k, old.seq, old.context_tokens, *map(len, strings))
     data = b"".join((header, *strings, old.state))
-    assert Record.decode("s1", data, 0) == replace(old, user_words=())
+    assert Record.decode("s1", data, 0) == replace(old, user_words=(), strip=StripState())
     assert Record.decode("s1", old.encode(), 0) == old
     with pytest.raises(StoreError, match="unknown format 09"):
         Record.decode("s1", b"\x09" + data[1:], 0)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,18 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SessionRequest(_message.Message):
-    __slots__ = ("session_id", "text", "reset", "k", "model")
+    __slots__ = ("session_id", "text", "reset", "k", "model", "strip")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRIP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     reset: bool
     k: int
     model: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    strip: Strip
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ...) -> None: ...
+
+class Strip(_message.Message):
+    __slots__ = ("policy", "no_repeat")
+    class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        POLICY_UNSPECIFIED: _ClassVar[Strip.Policy]
+        POLICY_PROBABILITY: _ClassVar[Strip.Policy]
+        POLICY_KEYSTROKES: _ClassVar[Strip.Policy]
+    POLICY_UNSPECIFIED: Strip.Policy
+    POLICY_PROBABILITY: Strip.Policy
+    POLICY_KEYSTROKES: Strip.Policy
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_FIELD_NUMBER: _ClassVar[int]
+    policy: Strip.Policy
+    no_repeat: bool
+    def __init__(self, policy: _Optional[_Union[Strip.Policy, str]] = ..., no_repeat: _Optional[bool] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("session_id", "prediction", "seq")
@@ -31,14 +50,16 @@ class SessionReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("text", "k", "model")
+    __slots__ = ("text", "k", "model", "strip")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    STRIP_FIELD_NUMBER: _ClassVar[int]
     text: str
     k: int
     model: str
-    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    strip: Strip
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ...) -> None: ...
 
 class PredictReply(_message.Message):
     __slots__ = ("prediction",)

@@ -1,0 +1,103 @@
+"""Keystroke savings of a bundle on each kind of text, for each way of filling the strip.
+
+    python -m benchmarks.ksr_sources [--bundle models/demo] [--chars 20000] [--results FILE]
+
+(run from the repository root, with ``../shared/data`` beside it). Simulates typing the
+first ``--chars`` characters of every file of ``mixed/test-by-source/`` and of the Gutenberg
+test split with a 3-word strip (``nextword/ksr.py``, what ``nextword eval --ksr`` runs),
+once per strip: by probability or by keystrokes, each with and without ``no_repeat``.
+Every row offers the words the model cannot name once the text has used them, as a session
+does. The table goes under ``## Keystroke savings by source`` in ``benchmarks/RESULTS.md``
+(only that section). Simulations run two at a time, one process each; the figures are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from benchmarks.results import write_section
+from benchmarks.serving import ROOT
+from benchmarks.serving.report import machine
+from nextword.bundle import load_bundle
+from nextword.ksr import keystroke_savings
+from nextword.ranking import KEYSTROKES, PROBABILITY
+from nextword.runtime import OnnxLM
+
+SECTION = "## Keystroke savings by source"
+DATA = ROOT.parent / "shared" / "data"
+STRIPS = ((PROBABILITY, False), (PROBABILITY, True), (KEYSTROKES, False), (KEYSTROKES, True))
+SLOTS = 3
+
+
+def texts(data: Path) -> dict[str, Path]:
+    """The test texts by name: each source of the mixed corpus, then the Gutenberg split."""
+    found = {p.stem: p for p in sorted((data / "mixed" / "test-by-source").glob("*.txt"))}
+    found["gutenberg test split"] = data / "gutenberg" / "test.txt"
+    return {name: path for name, path in found.items() if path.is_file()}
+
+
+def simulate(bundle: Path, path: Path, chars: int, policy: str, no_repeat: bool) -> dict[str, float]:
+    lm = OnnxLM(load_bundle(bundle), device="cpu", threads=1)
+    text = path.read_text(encoding="utf-8")
+    return keystroke_savings(lm, text, slots=SLOTS, max_chars=chars, policy=policy, no_repeat=no_repeat)
+
+
+def render(bundle: Path, chars: int, names: list[str], ksr: dict[tuple[str, str, bool], float]) -> str:
+    mach = machine()
+    head = " | ".join(f"{p}{' + no repeat' if r else ''}" for p, r in STRIPS)
+    lines = [
+        f"`python -m benchmarks.ksr_sources --bundle {bundle}` at {mach['revision']}, "
+        f"{time.strftime('%Y-%m-%d')}: the first {chars:,} characters of each text, a {SLOTS}-word strip, "
+        "counted as `nextword eval --ksr` counts (see `## Keystroke savings`). Every row offers "
+        "a word the model cannot name once the text has used it (sessions do); the columns are "
+        "the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` of "
+        "`nextword eval`). No Presage rows yet: `benchmarks/presage_ksr.py` knows only the "
+        "gutenberg and brown corpora, and the demo is trained on Gutenberg alone.",
+        "",
+        f"| text | {head} |",
+        "|---|" + "---|" * len(STRIPS),
+    ]
+    for name in names:
+        cells = [ksr[(name, p, r)] for p, r in STRIPS]
+        best = max(cells)
+        lines.append(
+            f"| {name} | " + " | ".join(f"**{c:.2%}**" if c == best else f"{c:.2%}" for c in cells) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, default=Path("models/demo"))
+    p.add_argument("--chars", type=int, default=20000, help="first N characters of each text")
+    p.add_argument("--data-root", type=Path, default=DATA, help="the shared data directory")
+    p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = p.parse_args(argv)
+    found = texts(args.data_root)
+    if not found:
+        print(f"ksr_sources: no test texts under {args.data_root}", file=sys.stderr)
+        return 2
+    jobs = {
+        (name, policy, no_repeat): (path, policy, no_repeat)
+        for name, path in found.items()
+        for policy, no_repeat in STRIPS
+    }
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        futures = {
+            key: pool.submit(simulate, args.bundle, path, args.chars, policy, rep)
+            for key, (path, policy, rep) in jobs.items()
+        }
+        ksr = {key: future.result()["ksr"] for key, future in futures.items()}
+    for key, value in ksr.items():
+        print(f"{key[0]:22s} {key[1]:12s} no_repeat={key[2]!s:5s} {value:.2%}", flush=True)
+    write_section(args.results, SECTION, render(args.bundle, args.chars, list(found), ksr))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
