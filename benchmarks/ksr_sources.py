@@ -8,8 +8,10 @@ test split with a 3-word strip (``nextword/ksr.py``, what ``nextword eval --ksr`
 once per strip: by probability or by keystrokes, each with and without ``no_repeat``.
 Every row offers the words the model cannot name once the text has used them, as a session
 does. The table goes under ``## Keystroke savings by source`` in ``benchmarks/RESULTS.md``
-(only that section). Simulations run two at a time, one process each; the figures are
-deterministic.
+(only that section). Beside them, Presage's 3-gram built from the text the bundle was trained
+on (``--presage-corpus``, default gutenberg: the demo's), typing the same characters with its
+``REPEAT_SUGGESTIONS`` no and yes (``benchmarks/presage_ksr.py``; installs Debian's presage if
+missing). Simulations run two at a time, one process each; the figures are deterministic.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.presage_ksr import ensure_presage, run_corpus
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
@@ -47,28 +50,54 @@ def simulate(bundle: Path, path: Path, chars: int, policy: str, no_repeat: bool)
     return keystroke_savings(lm, text, slots=SLOTS, max_chars=chars, policy=policy, no_repeat=no_repeat)
 
 
-def render(bundle: Path, chars: int, names: list[str], ksr: dict[tuple[str, str, bool], float]) -> str:
+def render(
+    args: argparse.Namespace,
+    names: list[str],
+    ksr: dict[tuple[str, str, bool], float],
+    presage: dict[tuple[str, bool], float],
+) -> str:
     mach = machine()
-    head = " | ".join(f"{p}{' + no repeat' if r else ''}" for p, r in STRIPS)
+    head = " | ".join(f"nextword {p}{' + no repeat' if r else ''}" for p, r in STRIPS)
     lines = [
-        f"`python -m benchmarks.ksr_sources --bundle {bundle}` at {mach['revision']}, "
-        f"{time.strftime('%Y-%m-%d')}: the first {chars:,} characters of each text, a {SLOTS}-word strip, "
-        "counted as `nextword eval --ksr` counts (see `## Keystroke savings`). Every row offers "
-        "a word the model cannot name once the text has used it (sessions do); the columns are "
-        "the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` of "
-        "`nextword eval`). No Presage rows yet: `benchmarks/presage_ksr.py` knows only the "
-        "gutenberg and brown corpora, and the demo is trained on Gutenberg alone.",
+        f"`python -m benchmarks.ksr_sources --bundle {args.bundle}` at {mach['revision']}, "
+        f"{time.strftime('%Y-%m-%d')}: the first {args.chars:,} characters of each text, a {SLOTS}-word "
+        "strip, counted as `nextword eval --ksr` counts (see `## Keystroke savings`). Every nextword "
+        "column offers a word the model cannot name once the text has used it (sessions do); the "
+        "columns are the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` "
+        f"of `nextword eval`). Presage: its 3-gram from {args.presage_corpus}'s train split (the "
+        "text the demo was trained on), online learning off, hiding (no) or re-offering (yes) what "
+        "it showed within a word. Ratio: nextword by probability with no repeats against Presage "
+        "with none (both hide what was passed over).",
         "",
-        f"| text | {head} |",
-        "|---|" + "---|" * len(STRIPS),
+        f"| text | {head} | Presage, repeats no | Presage, repeats yes | ratio |",
+        "|---|" + "---|" * (len(STRIPS) + 3),
     ]
     for name in names:
         cells = [ksr[(name, p, r)] for p, r in STRIPS]
         best = max(cells)
+        ours = ksr[(name, PROBABILITY, True)]
+        theirs = presage.get((name, False), float("nan"))
         lines.append(
-            f"| {name} | " + " | ".join(f"**{c:.2%}**" if c == best else f"{c:.2%}" for c in cells) + " |"
+            f"| {name} | "
+            + " | ".join(f"**{c:.2%}**" if c == best else f"{c:.2%}" for c in cells)
+            + f" | {theirs:.2%} | {presage.get((name, True), float('nan')):.2%} | "
+            + f"**{ours / theirs:.2f}×** |"
         )
     return "\n".join(lines) + "\n"
+
+
+def presage_ksr(args: argparse.Namespace, found: dict[str, Path]) -> dict[tuple[str, bool], float]:
+    """Presage's keystroke savings on each text, with REPEAT_SUGGESTIONS no and yes."""
+    ensure_presage()
+    run_corpus(args.presage_corpus, args.data_root, args.chars, SLOTS, False)  # builds its database once
+
+    def one(path: Path, repeat: bool) -> float:
+        counts = run_corpus(args.presage_corpus, args.data_root, args.chars, SLOTS, repeat, path)
+        return counts["KSR"] / 100
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {(name, r): pool.submit(one, path, r) for name, path in found.items() for r in (False, True)}
+        return {key: run.result() for key, run in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chars", type=int, default=20000, help="first N characters of each text")
     p.add_argument("--data-root", type=Path, default=DATA, help="the shared data directory")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    p.add_argument(
+        "--presage-corpus",
+        default="gutenberg",
+        choices=["gutenberg", "brown"],
+        help="Presage's training text: the bundle's",
+    )
     args = p.parse_args(argv)
     found = texts(args.data_root)
     if not found:
@@ -95,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         ksr = {key: future.result()["ksr"] for key, future in futures.items()}
     for key, value in ksr.items():
         print(f"{key[0]:22s} {key[1]:12s} no_repeat={key[2]!s:5s} {value:.2%}", flush=True)
-    write_section(args.results, SECTION, render(args.bundle, args.chars, list(found), ksr))
+    presage = presage_ksr(args, found)
+    for (name, repeat), value in presage.items():
+        print(f"{name:22s} presage      repeat={repeat!s:5s}    {value:.2%}", flush=True)
+    write_section(args.results, SECTION, render(args, list(found), ksr, presage))
     return 0
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/presage_ksr.py                      # gutenberg and brown, first 20,000 chars
     python benchmarks/presage_ksr.py --corpus gutenberg --chars 20000 --slots 3
+    python benchmarks/presage_ksr.py --corpus gutenberg --test ../shared/data/mixed/test-by-source/abc.txt
 
 For each corpus: installs ``presage`` if missing (apt), builds Presage's n-gram
 database (orders 1..3, lower-cased) from the corpus's train split with its own
@@ -109,13 +110,17 @@ def simulate(config: Path, text_file: Path) -> dict[str, float]:
     return counts
 
 
-def run_corpus(corpus: str, data_root: Path, chars: int, slots: int, repeat: bool) -> dict[str, float]:
+def run_corpus(
+    corpus: str, data_root: Path, chars: int, slots: int, repeat: bool, test: Path | None = None
+) -> dict[str, float]:
+    """Presage trained on ``corpus``'s train split, typing its test split (or ``test``)."""
     out_dir = CACHE / corpus
     out_dir.mkdir(parents=True, exist_ok=True)
     db = build_database(data_root / corpus / "train.txt", out_dir)
+    test = test or data_root / corpus / "test.txt"
     # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
-    text = (data_root / corpus / "test.txt").read_text(encoding="utf-8")[:chars]
-    text_file = out_dir / f"test-{chars}.txt"
+    text = test.read_text(encoding="utf-8")[:chars]
+    text_file = out_dir / f"typed-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     text_file.write_text(text, encoding="utf-8")
     config = write_config(
         db, slots, out_dir / f"presage-{slots}{'-repeat' if repeat else ''}.xml", repeat=repeat
@@ -134,15 +139,16 @@ def main(argv: list[str] | None = None) -> int:
         help="REPEAT_SUGGESTIONS yes: re-offer words already shown for this word, as nextword's strip does",
     )
     p.add_argument("--data-root", type=Path, default=DATA, help="directory holding <corpus>/{train,test}.txt")
+    p.add_argument("--test", type=Path, help="type this text instead of the corpus's test.txt")
     args = p.parse_args(argv)
     ensure_presage()
     for corpus in args.corpus or ["gutenberg", "brown"]:
-        r = run_corpus(corpus, args.data_root, args.chars, args.slots, args.repeat)
+        r = run_corpus(corpus, args.data_root, args.chars, args.slots, args.repeat, args.test)
         repeat = "yes" if args.repeat else "no"
         print(
             f"{corpus}: Presage 3-gram KSR {r['KSR']:.2f}%  (ki {r['ki']:.0f}, ks {r['ks']:.0f}, "
             f"kn {r['kn']:.0f}; {args.slots} suggestions, REPEAT_SUGGESTIONS {repeat}, "
-            f"first {args.chars:,} chars of test.txt)"
+            f"first {args.chars:,} chars of {args.test or 'test.txt'})"
         )
     return 0
 

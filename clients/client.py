@@ -159,8 +159,13 @@ class ModelInfo:
         return data
 
 
-def _request(session_id: str | None, text: str, reset: bool, k: int, model: str) -> pb.SessionRequest:
-    return pb.SessionRequest(session_id=session_id or "", text=text, reset=reset, k=k, model=model)
+def _request(
+    session_id: str | None, text: str, reset: bool, k: int, model: str, strip: pb.Strip | None = None
+) -> pb.SessionRequest:
+    request = pb.SessionRequest(session_id=session_id or "", text=text, reset=reset, k=k, model=model)
+    if strip is not None:
+        request.strip.CopyFrom(strip)
+    return request
 
 
 @dataclass(frozen=True)
@@ -251,9 +256,16 @@ class _Resumable:
     """What a session keeps to be rebuilt after a restart, and the requests that do it (no I/O here)."""
 
     def __init__(
-        self, session_id: str | None, k: int | None, model: str, timeout: float | None, reconnect: Reconnect
+        self,
+        session_id: str | None,
+        k: int | None,
+        model: str,
+        timeout: float | None,
+        reconnect: Reconnect,
+        strip: pb.Strip | None = None,
     ) -> None:
         self.session_id: str | None = session_id
+        self._strip = strip  # sent on every stream's first request, as k is
         self.seq = 0
         self.closed = False
         self.reconnects = 0  # times a failed stream was replaced (resumed or rebuilt)
@@ -273,7 +285,8 @@ class _Resumable:
     def _request(self, text: str, reset: bool, k: int) -> pb.SessionRequest:
         first, self._first = self._first, False
         k = k or (self._k if first else 0)
-        return _request(self.session_id if first else None, text, reset, k, self._model)
+        strip = self._strip if first else None
+        return _request(self.session_id if first else None, text, reset, k, self._model, strip)
 
     def _answered(self, req: pb.SessionRequest, reply: pb.SessionReply) -> Prediction:
         """Record what ``req`` did to the session (``reply`` tells its id and seq); the prediction."""
@@ -346,6 +359,8 @@ class _Resumable:
         requests = [_request(None, piece, False, 0, self._model) for piece in pieces]
         requests.append(_request(None, text, reset, k, self._model))
         requests[0].k = requests[0].k or self._k
+        if self._strip is not None:
+            requests[0].strip.CopyFrom(self._strip)
         return requests
 
     def _replays(self, reset: bool) -> bool:
@@ -379,8 +394,9 @@ class SyncSession(_Resumable):
         model: str,
         timeout: float | None,
         reconnect: Reconnect = DEFAULT_RECONNECT,
+        strip: pb.Strip | None = None,
     ) -> None:
-        super().__init__(session_id, k, model, timeout, reconnect)
+        super().__init__(session_id, k, model, timeout, reconnect, strip)
         self._client = client
         self._lock = threading.Lock()  # keeps request/reply pairs together across threads
         self._call: Any = None
@@ -556,9 +572,11 @@ class NextWordClient:
         *,
         model: str = "",
         reconnect: Reconnect = DEFAULT_RECONNECT,
+        strip: pb.Strip | None = None,
     ) -> SyncSession:
-        """Open a session stream; ``session_id`` resumes a session the server still holds."""
-        return SyncSession(self, session_id, k, model, self.timeout, reconnect)
+        """Open a session stream; ``session_id`` resumes a session the server still holds.
+        ``strip``: how its slots are filled (``pb.Strip``: policy, no_repeat)."""
+        return SyncSession(self, session_id, k, model, self.timeout, reconnect, strip)
 
     def _session_call(self, requests: Iterator[pb.SessionRequest], *, wait_for_ready: bool) -> Any:
         """A new Session stream on this client's channel: every stream of its sessions starts here."""
@@ -590,8 +608,9 @@ class AsyncSession(_Resumable):
         model: str,
         timeout: float | None,
         reconnect: Reconnect = DEFAULT_RECONNECT,
+        strip: pb.Strip | None = None,
     ) -> None:
-        super().__init__(session_id, k, model, timeout, reconnect)
+        super().__init__(session_id, k, model, timeout, reconnect, strip)
         self._client = client
         self._lock = asyncio.Lock()  # keeps request/reply pairs together across tasks
         self._call: Any = None
@@ -759,9 +778,11 @@ class AsyncNextWordClient:
         *,
         model: str = "",
         reconnect: Reconnect = DEFAULT_RECONNECT,
+        strip: pb.Strip | None = None,
     ) -> AsyncSession:
-        """Open a session stream (use as ``async with``); ``session_id`` resumes a held session."""
-        return AsyncSession(self, session_id, k, model, self.timeout, reconnect)
+        """Open a session stream (use as ``async with``); ``session_id`` resumes a held session.
+        ``strip``: how its slots are filled (``pb.Strip``: policy, no_repeat)."""
+        return AsyncSession(self, session_id, k, model, self.timeout, reconnect, strip)
 
     def _session_call(self, *, wait_for_ready: bool) -> Any:
         """A new Session stream on this client's channel: every stream of its sessions starts here."""

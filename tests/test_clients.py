@@ -120,6 +120,19 @@ def test_session_sends_increments(client: NextWordClient) -> None:
     assert pred.suggestions[0].prob == pytest.approx(whole.suggestions[0].prob, rel=1e-4)
 
 
+def test_session_strip_is_kept_by_the_session_and_its_rebuilds(client: NextWordClient) -> None:
+    with client.session(k=3, strip=pb.Strip(no_repeat=True)) as s:
+        shown = set(s.send("the ").words)
+        for letters in ("c", "a"):  # typed past: not offered again in this word
+            now = {c.word for c in s.send(letters).completions}
+            assert now and not now & shown
+            shown |= now
+        # A session rebuilt from its text (its server lost it) is opened with the same strip.
+        rebuilt = s._rebuild_requests("t", False, 0, limit=100)
+        assert rebuilt[0].HasField("strip") and rebuilt[0].strip.no_repeat
+        assert all(not r.HasField("strip") for r in rebuilt[1:])
+
+
 def test_session_reset_and_k(client: NextWordClient) -> None:
     with client.session() as s:
         s.send("a long context of many words ")
