@@ -66,8 +66,8 @@ def render(
         "columns are the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` "
         f"of `nextword eval`). Presage: its 3-gram from {args.presage_corpus}'s train split (the "
         "text the demo was trained on), online learning off, hiding (no) or re-offering (yes) what "
-        "it showed within a word. Ratio: nextword by probability with no repeats against Presage "
-        "with none (both hide what was passed over).",
+        "it showed within a word. Ratio: nextword's keystrokes strip with no repeats against "
+        "Presage with none (both hide what was passed over).",
         "",
         f"| text | {head} | Presage, repeats no | Presage, repeats yes | ratio |",
         "|---|" + "---|" * (len(STRIPS) + 3),
@@ -75,7 +75,7 @@ def render(
     for name in names:
         cells = [ksr[(name, p, r)] for p, r in STRIPS]
         best = max(cells)
-        ours = ksr[(name, PROBABILITY, True)]
+        ours = ksr[(name, KEYSTROKES, True)]
         theirs = presage.get((name, False), float("nan"))
         lines.append(
             f"| {name} | "

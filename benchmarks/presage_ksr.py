@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -121,7 +122,11 @@ def run_corpus(
     # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
     text = test.read_text(encoding="utf-8")[:chars]
     text_file = out_dir / f"typed-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
-    text_file.write_text(text, encoding="utf-8")
+    # Runs may type one text at once (with and without repeats): a whole file, swapped in, never a
+    # half-written one.
+    partial = text_file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(text_file)
     config = write_config(
         db, slots, out_dir / f"presage-{slots}{'-repeat' if repeat else ''}.xml", repeat=repeat
     )
