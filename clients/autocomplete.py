@@ -22,8 +22,10 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion, Thre
 from prompt_toolkit.document import Document
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 
-from nextword.options import from_args, option
+from nextword.options import from_args, option, switch
+from nextword.ranking import POLICIES, PROBABILITY, strip_message
 from nextword.tokenizer import normalize
+from nextword.v1 import nextword_pb2 as pb
 
 from .channel import CredentialsError
 from .client import NextWordClient, Prediction, SyncSession
@@ -53,9 +55,10 @@ def _match_case(word: str, typed: str) -> str:
 class NextWordCompleter(Completer):
     """A prompt_toolkit completer backed by one streaming session (reopened if it fails)."""
 
-    def __init__(self, client: NextWordClient, k: int = 5) -> None:
+    def __init__(self, client: NextWordClient, k: int = 5, strip: pb.Strip | None = None) -> None:
         self.client = client
         self.k = k
+        self.strip = strip  # how the session fills its slots (None: the server's default)
         self.last: Prediction | None = None
         self.last_error: str | None = None
         self.requests = 0  # requests sent (for the toolbar and tests)
@@ -70,7 +73,7 @@ class NextWordCompleter(Completer):
                 return self.last  # nothing typed since (cursor moves, Tab): no round-trip
             try:
                 if self._session is None:
-                    self._session = self.client.session(k=self.k)
+                    self._session = self.client.session(k=self.k, strip=self.strip)
                     pred = self._session.send(text, reset=True)
                 elif text.startswith(self._sent):
                     pred = self._session.send(text[len(self._sent) :])
@@ -143,6 +146,12 @@ def _key_bindings() -> KeyBindings:
 class CompleteOptions:
     k: int = option(5, "suggestions shown")
     timeout: float = option(10.0, "seconds to wait for each answer")
+    strip: str = option(
+        PROBABILITY,
+        "how the suggestions are chosen (keystrokes: a word typed in full goes last)",
+        choices=POLICIES,
+    )
+    no_repeat: bool = switch("within a word, do not offer again a word you typed past")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(rpc_error_message(exc, conn.target), file=sys.stderr)
             return 1
-        completer = NextWordCompleter(client, k=opts.k)
+        completer = NextWordCompleter(client, k=opts.k, strip=strip_message(opts.strip, opts.no_repeat))
         print(
             f"{info.name} ({info.cell}, {info.provider}) at {conn.target}. "
             "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits."

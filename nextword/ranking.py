@@ -76,6 +76,12 @@ class UserWords:
         return word in self._counts
 
 
+def strip_message(policy: str, no_repeat: bool) -> pb.Strip:
+    """The API's ``Strip`` for a policy name (``POLICIES``) and ``no_repeat``: what a client sends."""
+    value = pb.Strip.POLICY_KEYSTROKES if policy == KEYSTROKES else pb.Strip.POLICY_PROBABILITY
+    return pb.Strip(policy=value, no_repeat=no_repeat)
+
+
 @dataclass(frozen=True)
 class StripState:
     """How a session's strip is filled, and with ``no_repeat`` what its current word has shown."""

@@ -26,6 +26,7 @@ from nextword.clients.client import (
     Prediction,
     SyncSession,
 )
+from nextword.ranking import strip_message
 from nextword.server.config import ServerConfig
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
@@ -363,6 +364,17 @@ def test_completer_streams_only_new_text(
     assert len(sent) == n
     assert completer._session is not None and completer._session.session_id == session_id
     assert "next:" in completer.toolbar()
+    completer.close()
+
+
+def test_completer_passes_its_strip_to_the_session(client: NextWordClient) -> None:
+    completer = NextWordCompleter(client, k=3, strip=strip_message("probability", no_repeat=True))
+    shown = set((completer.predict("the ") or Prediction(())).words)
+    for typed in ("the c", "the ca"):  # typed past: not offered again in this word
+        pred = completer.predict(typed)
+        now = {c.word for c in pred.completions} if pred else set()
+        assert now and not now & shown
+        shown |= now
     completer.close()
 
 
