@@ -111,6 +111,9 @@ class StripState:
         return replace(self, passed=passed, shown=tuple(s.word for s in strip))
 
 
+NO_USER_WORDS = UserWords()  # shared by every session with none: replaced (``after``), never added to
+
+
 @dataclass(frozen=True)
 class Scores:
     """One context's next-word scores, as much of them as a graph call fetched."""

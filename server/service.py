@@ -12,7 +12,7 @@ from typing import NoReturn
 import grpc
 
 from nextword.bundle import MANIFEST, Bundle
-from nextword.ranking import Ranker, Scores, StripState, UserWords
+from nextword.ranking import NO_USER_WORDS, Ranker, Scores, StripState, UserWords
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -336,7 +336,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             raise
         self._pool.free(session.slot)
         session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
-        session.k, session.seq, session.user_words = record.k, record.seq, UserWords(record.user_words)
+        session.k, session.seq = record.k, record.seq
+        session.user_words = UserWords(record.user_words) if record.user_words else NO_USER_WORDS
         session.strip = record.strip
 
     async def _answer(
@@ -396,7 +397,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
         # A one-shot prediction's words are its text's; a session's, every text it was sent.
-        user_words = (UserWords() if session is None else session.user_words).after(
+        user_words = (NO_USER_WORDS if session is None else session.user_words).after(
             self._ranker.unknown(tokens)
         )
         passed = strip.passing(new_word=bool(tokens), grew=partial != pending)

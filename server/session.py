@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nextword.ranking import StripState, UserWords
+from nextword.ranking import NO_USER_WORDS, StripState, UserWords
 
 from .state import INITIAL
 
@@ -59,7 +59,7 @@ class SessionRecord:
     pending: str = ""  # the partial word typed so far, normalised
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
     seq: int = 0  # requests answered
-    user_words: UserWords = field(default_factory=UserWords)  # typed words the model cannot name
+    user_words: UserWords = NO_USER_WORDS  # typed words the model cannot name (a new window once any)
     strip: StripState = field(default_factory=StripState)  # how its strip is filled (Strip in the API)
     epoch: int = 0  # the session store's claim this process holds it under (server/store.py)
     taken: bool = False  # another process claimed it: forgotten here once its stream ends

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from nextword.ranking import KEYSTROKES, USER_WORD_CHARS, USER_WORDS, Ranker, Scores, UserWords
+from nextword.ranking import KEYSTROKES, NO_USER_WORDS, USER_WORD_CHARS, USER_WORDS, Ranker, Scores, UserWords
 from nextword.tokenizer import SPECIALS, Vocab
 from nextword.v1 import nextword_pb2 as pb
 
@@ -27,6 +27,7 @@ def test_after_leaves_the_session_s_words_as_they_are() -> None:
     grown = words.after(["quokka"])
     assert words.words() == ["zyzzyva"] and grown.words() == ["zyzzyva", "quokka"]
     assert words.after([]) is words  # nothing new: no copy
+    assert NO_USER_WORDS.after(["quokka"]).words() == ["quokka"] and not NO_USER_WORDS  # shared: untouched
 
 
 def test_a_word_too_long_to_be_a_word_is_not_kept() -> None:
