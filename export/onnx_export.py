@@ -24,7 +24,7 @@ import onnx
 import onnxruntime
 import torch
 
-from nextword.bundle import BATCH, Graph, Manifest, StateTensor, load_bundle, write_manifest
+from nextword.bundle import BATCH, Graph, Manifest, StateTensor, build_lexicon, load_bundle, write_manifest
 from nextword.evaluate import evaluate as score_text
 from nextword.options import from_args
 from nextword.runtime import OnnxLM
@@ -262,6 +262,9 @@ def build_bundle(
     specs = state_spec(model)
     step, head = write_graphs(model, specs, out, cfg.opset, offer, top_k)
     manifest = new_manifest(model, config, summary, cfg, specs, (step, head), top_k)
+    # Any word of the training text can then be completed, not only the vocabulary's.
+    if build_lexicon(out, manifest, Vocab.load(out / "vocab.txt")) is None:
+        print("nextword export: the training text is not here (or changed): the bundle has no lexicon")
     write_manifest(out, manifest)
     lm = OnnxLM(load_bundle(out), device="cpu")
     worst = check_parity(model, lm, cfg.tolerance)

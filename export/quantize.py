@@ -351,7 +351,8 @@ def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "
                 graphs.append((graph.file, model))
                 embeddings += lookups
         write_graphs(partial, graphs)
-        shutil.copyfile(bundle.path / m.vocab_file, partial / m.vocab_file)
+        for name in (m.vocab_file, *([m.lexicon_file] if m.lexicon_file else [])):
+            shutil.copyfile(bundle.path / name, partial / name)
         manifest = _quantized_manifest(m, calibration, command, embeddings)
         write_manifest(partial, manifest)
         score(manifest, bundle, partial, calibration)

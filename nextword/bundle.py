@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nextword.tokenizer import TOKENIZER_NAME, TOKENIZER_VERSION, Vocab
+from nextword.tokenizer import (
+    TOKENIZER_NAME,
+    TOKENIZER_VERSION,
+    Lexicon,
+    Vocab,
+    corpus_tokens,
+    looks_pretokenized,
+)
 
 # The demo bundle ships inside the package (in a checkout, a link to models/demo).
 DEMO_BUNDLE = Path(__file__).resolve().parent / "demo"
@@ -73,6 +80,8 @@ class Manifest:
     tokenizer: dict[str, Any]
     vocab_file: str = "vocab.txt"
     vocab_size: int = 0
+    # Words of the training text outside the vocabulary, with counts (Lexicon): "" for none.
+    lexicon_file: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
@@ -124,11 +133,31 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
     (bundle_dir / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")
 
 
+LEXICON = "lexicon.txt"
+
+
+def build_lexicon(bundle_dir: Path, manifest: Manifest, vocab: Vocab) -> Lexicon | None:
+    """Write the lexicon of the training text ``manifest`` names into the bundle and name it there
+    (the caller writes the manifest); None when that text is not here, or is not the one trained on."""
+    train = manifest.training.get("data", {}).get("train", {})
+    path = Path(train.get("path", ""))
+    if not train or not path.is_file() or sha256(path) != train.get("sha256"):
+        return None
+    text = path.read_text(encoding="utf-8")
+    fmt = manifest.training.get("format", "auto")
+    lines = fmt == "lines" or (fmt == "auto" and looks_pretokenized(text))
+    lexicon = Lexicon.build(corpus_tokens(text, line_per_sentence=lines), vocab)
+    lexicon.save(bundle_dir / LEXICON)
+    manifest.lexicon_file = LEXICON
+    return lexicon
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path
     manifest: Manifest
     vocab: Vocab
+    lexicon: Lexicon | None = None
 
     @property
     def step_path(self) -> Path:
@@ -165,7 +194,18 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         ) from exc
     if len(vocab) != manifest.vocab_size:
         raise BundleError(f"{root}: vocab.txt has {len(vocab)} entries, manifest says {manifest.vocab_size}")
-    return Bundle(root, manifest, vocab)
+    return Bundle(root, manifest, vocab, _lexicon(root, manifest))
+
+
+def _lexicon(root: Path, manifest: Manifest) -> Lexicon | None:
+    if not manifest.lexicon_file:
+        return None
+    try:
+        return Lexicon.load(root / manifest.lexicon_file)
+    except (ValueError, OSError) as exc:
+        raise BundleError(
+            f"{root}: {manifest.lexicon_file} is not a usable lexicon ({exc}); re-export the bundle"
+        ) from exc
 
 
 def _check(root: Path, m: Manifest, *, verify: bool) -> None:
@@ -195,7 +235,7 @@ def _check(root: Path, m: Manifest, *, verify: bool) -> None:
             raise BundleError(f"{root}: manifest topk {m.topk} does not name outputs of both graphs")
     if not set(m.head.inputs) <= set(state_in):
         raise BundleError(f"{root}: head graph reads inputs that are not state tensors: {m.head.inputs}")
-    for name in (m.step.file, m.head.file, m.vocab_file):
+    for name in (m.step.file, m.head.file, m.vocab_file, *([m.lexicon_file] if m.lexicon_file else [])):
         if name not in m.files:
             raise BundleError(f"{root}: manifest has no checksum for {name}")
     for name, digest in m.files.items():

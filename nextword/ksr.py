@@ -102,7 +102,8 @@ def keystroke_savings(
         raise ValueError(f"slots must be at least 1, not {slots}")
     text = text if max_chars is None else text[:max_chars]
     vocab = lm.bundle.vocab
-    ranker = Ranker(vocab)
+    lexicon = lm.bundle.lexicon
+    ranker = Ranker(vocab, lexicon=lexicon)
     offerable = {w for w in vocab.words if is_word(w)}
     log_probs, state = lm.start()  # where every session starts
     user_words = UserWords()  # the words the model cannot name, as the session keeps them
@@ -113,7 +114,7 @@ def keystroke_savings(
             user_words.add(ranker.unknown(before))
         typed = (
             _typed_before_offered(ranker, log_probs[0], word, slots, user_words, policy, no_repeat)
-            if word in offerable or word in user_words
+            if word in offerable or word in user_words or (lexicon is not None and word in lexicon)
             else None
         )
         if typed is None:  # typed in full, then the space

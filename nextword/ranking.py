@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from nextword.tokenizer import Vocab, is_word
+from nextword.tokenizer import Lexicon, Vocab, is_word
 from nextword.v1 import nextword_pb2 as pb
 
 _PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
@@ -131,9 +131,10 @@ class Ranker:
     starting with a prefix are one contiguous run, found by bisection.
     """
 
-    def __init__(self, vocab: Vocab, *, graph_k: int = 0) -> None:
+    def __init__(self, vocab: Vocab, *, graph_k: int = 0, lexicon: Lexicon | None = None) -> None:
         self.graph_k = graph_k  # the graphs rank this many offerable words themselves
         self._vocab = vocab
+        self._lexicon = lexicon  # training words outside the vocabulary: completions too
         self._words = vocab.words
         self._suggestable = np.array([i for i, w in enumerate(vocab.words) if is_word(w)], dtype=np.int64)
         by_word = sorted(self._suggestable.tolist(), key=lambda i: vocab.words[i])
@@ -170,8 +171,8 @@ class Ranker:
         if partial:
             assert scores.log_probs is not None, "completions need the full distribution"
             completions = self._top(scores.log_probs, self.completion_ids(partial), k, typed, passed)
-            if user_words:
-                completions = self._with_user_words(
+            if user_words or self._lexicon:
+                completions = self._with_unknown_words(
                     completions, scores.log_probs, partial, k, user_words, typed, passed
                 )
         return pb.Prediction(
@@ -227,22 +228,30 @@ class Ranker:
         probs = np.exp(scores[keep]).tolist()
         return [pb.Suggestion(word=words[i], prob=p) for i, p in zip(ids[keep].tolist(), probs, strict=True)]
 
-    def _with_user_words(
+    def _with_unknown_words(
         self,
         completions: list[pb.Suggestion],
         log_probs: np.ndarray,
         partial: str,
         k: int,
-        user_words: UserWords,
+        user_words: UserWords | None,
         typed: int | None,
         passed: Collection[str],
     ) -> list[pb.Suggestion]:
-        """``completions`` with the user's own words that start with ``partial``, best k of all.
+        """``completions`` with the words the model cannot name that start with ``partial``: the
+        user's own and the training text's (the bundle's lexicon), best k of all.
 
-        Such a word gets p(<unk>) times its share of the user's window: the model's mass for
-        words it cannot name, spread over the ones this user does type.
+        Such a word gets p(<unk>) times its share: of the user's window, of the lexicon, or half
+        of each when there are both, so that the user's own words come first.
         """
-        found = [(w, share) for w, share in user_words.starting(partial) if w not in passed]
+        mine = dict(user_words.starting(partial)) if user_words else {}
+        known = dict(self._lexicon.starting(partial, k + len(passed))) if self._lexicon else {}
+        known = {w: share for w, share in known.items() if self._vocab.id(w) == self._vocab.unk_id}
+        weight = 0.5 if mine and self._lexicon else 1.0
+        shares = {w: weight * s for w, s in known.items()}
+        for w, s in mine.items():
+            shares[w] = shares.get(w, 0.0) + weight * s
+        found = [(w, share) for w, share in shares.items() if w not in passed]
         if not found:
             return completions
         unk = math.exp(float(log_probs[self._vocab.unk_id]))

@@ -21,6 +21,8 @@ or hyphen) ends in a *partial word*: a keyboard user is still typing it.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import re
 import unicodedata
 from collections import Counter
@@ -152,3 +154,55 @@ class Vocab:
     @classmethod
     def load(cls, path: Path) -> Vocab:
         return cls(tuple(path.read_text(encoding="utf-8").split("\n")[:-1]))
+
+
+class Lexicon:
+    """Words of a training text outside its vocabulary, with how often they occur (``lexicon.txt``).
+
+    The model reads each of them as ``<unk>``; the ranker offers them as completions with their
+    share of the model's ``<unk>`` probability, so any word of the training text can be completed.
+    Sorted, so the words starting with a prefix are one run, found by bisection.
+    """
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.words = sorted(counts)
+        self.counts = [counts[w] for w in self.words]
+        self.total = sum(self.counts) or 1
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str):
+            return False
+        at = bisect.bisect_left(self.words, word)
+        return at < len(self.words) and self.words[at] == word
+
+    def starting(self, prefix: str, k: int) -> list[tuple[str, float]]:
+        """The ``k`` most frequent words starting with ``prefix``, each with its share of the lexicon."""
+        lo = bisect.bisect_left(self.words, prefix)
+        hi = bisect.bisect_left(self.words, prefix + "\U0010ffff", lo)
+        best = heapq.nlargest(k, range(lo, hi), key=self.counts.__getitem__)
+        return [(self.words[i], self.counts[i] / self.total) for i in best]
+
+    @classmethod
+    def build(
+        cls, tokens: Iterable[str], vocab: Vocab, *, min_count: int = 2, max_words: int = 50_000
+    ) -> Lexicon:
+        """The words of ``tokens`` outside ``vocab`` seen ``min_count`` times or more, the most
+        frequent ``max_words`` of them (ties alphabetically: builds are deterministic)."""
+        counts = Counter(t for t in tokens if vocab.id(t) == vocab.unk_id and is_word(t) and t != NUM)
+        ranked = sorted(((w, c) for w, c in counts.items() if c >= min_count), key=lambda wc: (-wc[1], wc[0]))
+        return cls(dict(ranked[:max_words]))
+
+    def save(self, path: Path) -> None:
+        order = sorted(range(len(self.words)), key=lambda i: (-self.counts[i], self.words[i]))
+        path.write_text("".join(f"{self.words[i]}\t{self.counts[i]}\n" for i in order), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Lexicon:
+        counts = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            word, count = line.split("\t")
+            counts[word] = int(count)
+        return cls(counts)

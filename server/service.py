@@ -100,7 +100,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             short_tokens=config.prefill_chunk_tokens,
             max_request_tokens=config.max_request_tokens,
         )
-        self._ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0))
+        self._ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0), lexicon=bundle.lexicon)
         self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
         if not config.expose_manifest:  # the paths and commands of the machine that made the bundle
             self._manifest_json = public_manifest(self._manifest_json)

@@ -55,7 +55,9 @@ def test_bundle_is_self_describing(tiny_bundle: Path) -> None:
         ("state_h", "state_h_out", 1),
         ("state_c", "state_c_out", 1),
     ]
-    assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt"}
+    # lexicon.txt: the training words outside the vocabulary (none here: min_count 1 kept them all)
+    assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt", "lexicon.txt"}
+    assert m.lexicon_file == "lexicon.txt" and bundle.lexicon is not None and len(bundle.lexicon) == 0
     assert m.export["parity_max_abs_diff"] <= m.export["tolerance"]
     assert (
         m.metrics["test_perplexity"] > 1 and 0 < m.metrics["test"]["top1"] <= m.metrics["test"]["top3"] <= 1

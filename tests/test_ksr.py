@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,13 @@ from typing import Any
 
 import pytest
 
-from nextword.bundle import load_bundle
+from nextword.bundle import build_lexicon, load_bundle, sha256, write_manifest
+from nextword.clients.client import NextWordClient
 from nextword.ksr import keystroke_savings, typed_words
 from nextword.runtime import OnnxLM
+from nextword.server.config import ServerConfig
 from nextword.tokenizer import split_partial
+from tests.servers import in_thread
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +127,30 @@ def test_a_word_outside_the_vocabulary_is_offered_once_typed(lm: OnnxLM) -> None
     assert seen["keys_without_prediction"] == unseen["keys_without_prediction"]
     assert unseen["keys"] - seen["keys"] >= 8 - (2 + 1)
     assert seen["selections"] == unseen["selections"] + 1
+
+
+def test_any_word_of_the_training_text_is_completable(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A word the training text has but the vocabulary lacks (too rare for it) is in the bundle's
+    lexicon: the server completes it, and so does the keystroke simulation."""
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    assert (
+        not bundle.lexicon and bundle.vocab.id("zyzzyva") == bundle.vocab.unk_id
+    )  # every word in the vocabulary
+    # The training text, as the manifest names it: rare words the vocabulary could not keep.
+    train = tmp_path / "train.txt"
+    train.write_text("the zyzzyva sat on the mat . a zyzzyva ran to the quokka .\n", encoding="utf-8")
+    bundle.manifest.training["data"] = {"train": {"path": str(train), "sha256": sha256(train)}}
+    lexicon = build_lexicon(bundle_dir, bundle.manifest, bundle.vocab)
+    assert lexicon is not None and lexicon.words == ["zyzzyva"]  # "quokka" was seen once
+    write_manifest(bundle_dir, bundle.manifest)
+
+    config = ServerConfig(model=bundle_dir, port=0, metrics_port=0, device="cpu")
+    with in_thread(config) as target, NextWordClient(target, timeout=10) as client:
+        assert "zyzzyva" in [s.word for s in client.predict("the zy", k=5).completions]
+    lm = OnnxLM(load_bundle(bundle_dir), device="cpu", threads=1)
+    result = keystroke_savings(lm, "the zyzzyva", slots=5)
+    assert (
+        result["selections"] >= 1 and result["keys"] < result["keys_without_prediction"] - len("zyzzyva") + 3
+    )

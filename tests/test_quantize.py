@@ -40,7 +40,7 @@ def test_int8_bundle_is_valid_and_scored(int8_bundle: Path, tiny_bundle: Path) -
 
 def test_int8_bundle_stores_its_weights_once_as_int8(int8_bundle: Path, tiny_bundle: Path) -> None:
     m = load_bundle(int8_bundle).manifest
-    assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt"}
+    assert set(m.files) == {"model.onnx", "head.onnx", "weights.bin", "vocab.txt", "lexicon.txt"}
     assert _size(int8_bundle) < _size(tiny_bundle)
     step = onnx.load(str(int8_bundle / m.step.file), load_external_data=False)
     head = onnx.load(str(int8_bundle / m.head.file), load_external_data=False)

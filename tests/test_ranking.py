@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nextword.ranking import KEYSTROKES, NO_USER_WORDS, USER_WORD_CHARS, USER_WORDS, Ranker, Scores, UserWords
-from nextword.tokenizer import SPECIALS, Vocab
+from nextword.tokenizer import NUM, SPECIALS, Lexicon, Vocab
 from nextword.v1 import nextword_pb2 as pb
 
 
@@ -81,3 +82,17 @@ def test_words_passed_over_are_not_offered_again_and_user_words_join_the_strip()
     assert with_user.completions[2].prob == pytest.approx(0.02)
     again = ranker.predict(scores, "an", 3, 0, user, policy=KEYSTROKES, passed={"antidisestablishment"})
     assert "antidisestablishment" not in _words(again.completions)
+
+
+def test_a_lexicon_keeps_the_training_words_the_vocabulary_lacks(tmp_path: Path) -> None:
+    vocab = Vocab((*SPECIALS, "the", "cat"))
+    tokens = [*"the zyzzyva cat zyzzyva the zymurgy zymurgy zymurgy quux , ,".split(), NUM, NUM]
+    lexicon = Lexicon.build(tokens, vocab, min_count=2)
+    # Seen twice or more, outside the vocabulary, a word: not "quux" (once), "the", "," or numbers.
+    assert lexicon.words == ["zymurgy", "zyzzyva"] and lexicon.total == 5
+    assert lexicon.starting("zy", 1) == [("zymurgy", pytest.approx(3 / 5))]
+    assert "zyzzyva" in lexicon and "zy" not in lexicon
+    lexicon.save(tmp_path / "lexicon.txt")
+    assert (tmp_path / "lexicon.txt").read_text() == "zymurgy\t3\nzyzzyva\t2\n"  # most used first
+    loaded = Lexicon.load(tmp_path / "lexicon.txt")
+    assert loaded.words == lexicon.words and loaded.counts == lexicon.counts
