@@ -22,13 +22,14 @@ or hyphen) ends in a *partial word*: a keyboard user is still typing it.
 from __future__ import annotations
 
 import bisect
-import heapq
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 TOKENIZER_NAME = "nextword-words"
 TOKENIZER_VERSION = 1
@@ -168,6 +169,7 @@ class Lexicon:
         self.words = sorted(counts)
         self.counts = [counts[w] for w in self.words]
         self.total = sum(self.counts) or 1
+        self._counts = np.array(self.counts, dtype=np.int64)  # for picking the most used of a run
 
     def __len__(self) -> int:
         return len(self.words)
@@ -182,8 +184,12 @@ class Lexicon:
         """The ``k`` most frequent words starting with ``prefix``, each with its share of the lexicon."""
         lo = bisect.bisect_left(self.words, prefix)
         hi = bisect.bisect_left(self.words, prefix + "\U0010ffff", lo)
-        best = heapq.nlargest(k, range(lo, hi), key=self.counts.__getitem__)
-        return [(self.words[i], self.counts[i] / self.total) for i in best]
+        # Most used first, then alphabetical (the run's order): one distinct key per word, so that a
+        # partial selection (linear in the run) and a sort of the k kept give exactly that order.
+        key = -self._counts[lo:hi] * (hi - lo) + np.arange(hi - lo)
+        keep = np.argpartition(key, k - 1)[:k] if k < len(key) else np.arange(len(key))
+        keep = keep[np.argsort(key[keep])]
+        return [(self.words[lo + i], self.counts[lo + i] / self.total) for i in keep.tolist()]
 
     @classmethod
     def build(

@@ -92,6 +92,8 @@ def test_a_lexicon_keeps_the_training_words_the_vocabulary_lacks(tmp_path: Path)
     assert lexicon.words == ["zymurgy", "zyzzyva"] and lexicon.total == 5
     assert lexicon.starting("zy", 1) == [("zymurgy", pytest.approx(3 / 5))]
     assert "zyzzyva" in lexicon and "zy" not in lexicon
+    ties = Lexicon({"zeta": 2, "zebra": 2, "zed": 2, "zest": 9})
+    assert [w for w, _ in ties.starting("ze", 3)] == ["zest", "zebra", "zed"]  # most used, then a-z
     lexicon.save(tmp_path / "lexicon.txt")
     assert (tmp_path / "lexicon.txt").read_text() == "zymurgy\t3\nzyzzyva\t2\n"  # most used first
     loaded = Lexicon.load(tmp_path / "lexicon.txt")
