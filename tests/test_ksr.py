@@ -154,3 +154,20 @@ def test_any_word_of_the_training_text_is_completable(tiny_bundle: Path, tmp_pat
     assert (
         result["selections"] >= 1 and result["keys"] < result["keys_without_prediction"] - len("zyzzyva") + 3
     )
+
+
+def test_the_demo_completes_a_word_it_lacks_once_typed_and_words_of_its_training_text() -> None:
+    """The committed demo: a word outside its softmax vocabulary, typed earlier in the session, is
+    offered after two letters; a rare word of its training text is offered from its lexicon."""
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
+    bundle = load_bundle(demo)
+    assert bundle.vocab.id("zyzzyva") == bundle.vocab.unk_id and bundle.lexicon is not None
+    rare = next(
+        w for w in bundle.lexicon.words if w.startswith("abh") and bundle.vocab.id(w) == bundle.vocab.unk_id
+    )
+    config = ServerConfig(model=demo, port=0, metrics_port=0, device="cpu")
+    with in_thread(config) as target, NextWordClient(target, timeout=10) as client:
+        with client.session(k=3) as session:
+            session.send("I saw a zyzzyva in the garden, and then another ")
+            assert "zyzzyva" in [s.word for s in session.send("zy").completions]
+        assert rare in [s.word for s in client.predict(f"it was {rare[:-1]}", k=10).completions]
