@@ -10,8 +10,9 @@ Every row offers the words the model cannot name once the text has used them, as
 does. The table goes under ``## Keystroke savings by source`` in ``benchmarks/RESULTS.md``
 (only that section). Beside them, Presage's 3-gram built from the text the bundle was trained
 on (``--presage-corpus``, default gutenberg: the demo's), typing the same characters with its
-``REPEAT_SUGGESTIONS`` no and yes (``benchmarks/presage_ksr.py``; installs Debian's presage if
-missing). Simulations run two at a time, one process each; the figures are deterministic.
+``REPEAT_SUGGESTIONS`` no and yes, and learning as it types (``benchmarks/presage_ksr.py``;
+installs Debian's presage if missing). Simulations run two at a time, one process each; the
+figures are deterministic.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def render(
     args: argparse.Namespace,
     names: list[str],
     ksr: dict[tuple[str, str, bool], float],
-    presage: dict[tuple[str, bool], float],
+    presage: dict[tuple[str, str], float],
 ) -> str:
     mach = machine()
     head = " | ".join(f"nextword {p}{' + no repeat' if r else ''}" for p, r in STRIPS)
@@ -66,37 +67,47 @@ def render(
         "columns are the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` "
         f"of `nextword eval`). Presage: its 3-gram from {args.presage_corpus}'s train split (the "
         "text the demo was trained on), online learning off, hiding (no) or re-offering (yes) what "
-        "it showed within a word. Ratio: nextword's keystrokes strip with no repeats against "
-        "Presage with none (both hide what was passed over).",
+        "it showed within a word, and learning as it types (its default; repeats no). Ratios: "
+        "nextword's keystrokes strip with no repeats against Presage with none (both hide what "
+        "was passed over), learning off and on.",
         "",
-        f"| text | {head} | Presage, repeats no | Presage, repeats yes | ratio |",
-        "|---|" + "---|" * (len(STRIPS) + 3),
+        f"| text | {head} | Presage, repeats no | Presage, repeats yes | Presage learning | ratio | "
+        "ratio to learning |",
+        "|---|" + "---|" * (len(STRIPS) + 5),
     ]
     for name in names:
         cells = [ksr[(name, p, r)] for p, r in STRIPS]
         best = max(cells)
         ours = ksr[(name, KEYSTROKES, True)]
-        theirs = presage.get((name, False), float("nan"))
+        theirs, learning = presage[(name, "no")], presage[(name, "learn")]
         lines.append(
             f"| {name} | "
             + " | ".join(f"**{c:.2%}**" if c == best else f"{c:.2%}" for c in cells)
-            + f" | {theirs:.2%} | {presage.get((name, True), float('nan')):.2%} | "
-            + f"**{ours / theirs:.2f}×** |"
+            + f" | {theirs:.2%} | {presage[(name, 'yes')]:.2%} | {learning:.2%} | "
+            + f"**{ours / theirs:.2f}×** | {ours / learning:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
 
-def presage_ksr(args: argparse.Namespace, found: dict[str, Path]) -> dict[tuple[str, bool], float]:
-    """Presage's keystroke savings on each text, with REPEAT_SUGGESTIONS no and yes."""
+PRESAGE = {"no": (False, False), "yes": (True, False), "learn": (False, True)}  # repeat, learn
+
+
+def presage_ksr(args: argparse.Namespace, found: dict[str, Path]) -> dict[tuple[str, str], float]:
+    """Presage's keystroke savings on each text: REPEAT_SUGGESTIONS no and yes with learning off,
+    and no with learning on (its default: it learns from what is typed, from nothing each run)."""
     ensure_presage()
     run_corpus(args.presage_corpus, args.data_root, args.chars, SLOTS, False)  # builds its database once
 
-    def one(path: Path, repeat: bool) -> float:
-        counts = run_corpus(args.presage_corpus, args.data_root, args.chars, SLOTS, repeat, path)
+    def one(path: Path, repeat: bool, learn: bool) -> float:
+        counts = run_corpus(args.presage_corpus, args.data_root, args.chars, SLOTS, repeat, path, learn=learn)
         return counts["KSR"] / 100
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {(name, r): pool.submit(one, path, r) for name, path in found.items() for r in (False, True)}
+        runs = {
+            (name, how): pool.submit(one, path, *PRESAGE[how])
+            for name, path in found.items()
+            for how in PRESAGE
+        }
         return {key: run.result() for key, run in runs.items()}
 
 
@@ -131,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in ksr.items():
         print(f"{key[0]:22s} {key[1]:12s} no_repeat={key[2]!s:5s} {value:.2%}", flush=True)
     presage = presage_ksr(args, found)
-    for (name, repeat), value in presage.items():
-        print(f"{name:22s} presage      repeat={repeat!s:5s}    {value:.2%}", flush=True)
+    for (name, how), value in presage.items():
+        print(f"{name:22s} presage      {how:5s}    {value:.2%}", flush=True)
     write_section(args.results, SECTION, render(args, list(found), ksr, presage))
     return 0
 

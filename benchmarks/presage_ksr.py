@@ -37,6 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -47,6 +48,7 @@ DATA = ROOT.parent / "shared" / "data"
 SYSTEM_CONFIG = Path("/etc/presage.xml")
 NGRAM_ORDER = 3  # the default profile's DELTAS (0.01 0.1 0.89) make a 3-gram
 PREDICTOR = "DefaultSmoothedNgramPredictor"
+LEARNERS = ["UserSmoothedNgramPredictor", "DefaultRecencyPredictor"]  # what Presage learns with by default
 
 
 def ensure_presage() -> None:
@@ -78,7 +80,11 @@ def build_database(train: Path, out_dir: Path) -> Path:
     return db
 
 
-def write_config(db: Path, slots: int, path: Path, *, repeat: bool = False) -> Path:
+def write_config(
+    db: Path, slots: int, path: Path, *, repeat: bool = False, learn: Path | None = None
+) -> Path:
+    """Presage's configuration. ``learn``: with its default learning parts on, its user n-gram
+    model learning into this (new) database as the text is typed, and its recency predictor."""
     # Keep the system file's comments: they document every setting left at its default.
     tree = ET.parse(SYSTEM_CONFIG, parser=ET.XMLParser(target=ET.TreeBuilder(insert_comments=True)))
     root = tree.getroot()
@@ -89,8 +95,11 @@ def write_config(db: Path, slots: int, path: Path, *, repeat: bool = False) -> P
             raise SystemExit(f"{SYSTEM_CONFIG} has no {xpath}: is this presage 0.9?")
         node.text = value
 
-    set_text("PredictorRegistry/PREDICTORS", PREDICTOR)
-    set_text("ContextTracker/ONLINE_LEARNING", "no")
+    predictors = [PREDICTOR, *(LEARNERS if learn else [])]
+    set_text("PredictorRegistry/PREDICTORS", " ".join(predictors))
+    set_text("ContextTracker/ONLINE_LEARNING", "yes" if learn else "no")
+    if learn:
+        set_text("Predictors/UserSmoothedNgramPredictor/DBFILENAME", str(learn))
     set_text("Selector/SUGGESTIONS", str(slots))
     set_text("Selector/REPEAT_SUGGESTIONS", "yes" if repeat else "no")
     set_text(f"Predictors/{PREDICTOR}/DBFILENAME", str(db))
@@ -112,9 +121,17 @@ def simulate(config: Path, text_file: Path) -> dict[str, float]:
 
 
 def run_corpus(
-    corpus: str, data_root: Path, chars: int, slots: int, repeat: bool, test: Path | None = None
+    corpus: str,
+    data_root: Path,
+    chars: int,
+    slots: int,
+    repeat: bool,
+    test: Path | None = None,
+    *,
+    learn: bool = False,
 ) -> dict[str, float]:
-    """Presage trained on ``corpus``'s train split, typing its test split (or ``test``)."""
+    """Presage trained on ``corpus``'s train split, typing its test split (or ``test``); ``learn``:
+    learning as it types, from nothing (a new user database each run)."""
     out_dir = CACHE / corpus
     out_dir.mkdir(parents=True, exist_ok=True)
     db = build_database(data_root / corpus / "train.txt", out_dir)
@@ -127,10 +144,11 @@ def run_corpus(
     partial = text_file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(text_file)
-    config = write_config(
-        db, slots, out_dir / f"presage-{slots}{'-repeat' if repeat else ''}.xml", repeat=repeat
-    )
-    return simulate(config, text_file)
+    name = f"presage-{slots}{'-repeat' if repeat else ''}{'-learn' if learn else ''}"
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        user_db = Path(tmp) / "user.db" if learn else None
+        config = write_config(db, slots, Path(tmp) / f"{name}.xml", repeat=repeat, learn=user_db)
+        return simulate(config, text_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,14 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data-root", type=Path, default=DATA, help="directory holding <corpus>/{train,test}.txt")
     p.add_argument("--test", type=Path, help="type this text instead of the corpus's test.txt")
+    p.add_argument("--learn", action="store_true", help="Presage learns as it types (its default)")
     args = p.parse_args(argv)
     ensure_presage()
     for corpus in args.corpus or ["gutenberg", "brown"]:
-        r = run_corpus(corpus, args.data_root, args.chars, args.slots, args.repeat, args.test)
+        r = run_corpus(
+            corpus, args.data_root, args.chars, args.slots, args.repeat, args.test, learn=args.learn
+        )
         repeat = "yes" if args.repeat else "no"
         print(
             f"{corpus}: Presage 3-gram KSR {r['KSR']:.2f}%  (ki {r['ki']:.0f}, ks {r['ks']:.0f}, "
             f"kn {r['kn']:.0f}; {args.slots} suggestions, REPEAT_SUGGESTIONS {repeat}, "
+            f"learning {'on' if args.learn else 'off'}, "
             f"first {args.chars:,} chars of {args.test or 'test.txt'})"
         )
     return 0
