@@ -194,18 +194,24 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         ) from exc
     if len(vocab) != manifest.vocab_size:
         raise BundleError(f"{root}: vocab.txt has {len(vocab)} entries, manifest says {manifest.vocab_size}")
-    return Bundle(root, manifest, vocab, _lexicon(root, manifest))
+    return Bundle(root, manifest, vocab, _lexicon(root, manifest, vocab))
 
 
-def _lexicon(root: Path, manifest: Manifest) -> Lexicon | None:
+def _lexicon(root: Path, manifest: Manifest, vocab: Vocab) -> Lexicon | None:
+    """The bundle's lexicon, checked once here: none of its words may be the vocabulary's (the
+    ranker offers them as words the model cannot name)."""
     if not manifest.lexicon_file:
         return None
     try:
-        return Lexicon.load(root / manifest.lexicon_file)
-    except (ValueError, OSError) as exc:
+        lexicon = Lexicon.load(root / manifest.lexicon_file)
+        known = next((w for w in lexicon.words if vocab.id(w) != vocab.unk_id), None)
+        if known is not None:
+            raise ValueError(f"{known!r} is a vocabulary word")
+    except (ValueError, OSError) as exc:  # ValueError: a line that is not "word<TAB>count" too
         raise BundleError(
             f"{root}: {manifest.lexicon_file} is not a usable lexicon ({exc}); re-export the bundle"
         ) from exc
+    return lexicon
 
 
 def _check(root: Path, m: Manifest, *, verify: bool) -> None:

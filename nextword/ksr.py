@@ -110,8 +110,9 @@ def keystroke_savings(
     keys = without = selections = words = 0
     for before, word in progress(typed_words(text), desc="simulating typing", unit="word"):
         if before:
-            log_probs, state = lm.step(np.array([vocab.encode(before)], dtype=np.int64), state)
-            user_words.add(ranker.unknown(before))
+            ids = vocab.encode(before)
+            log_probs, state = lm.step(np.array([ids], dtype=np.int64), state)
+            user_words.add(ranker.unknown(before, ids))
         typed = (
             _typed_before_offered(ranker, log_probs[0], word, slots, user_words, policy, no_repeat)
             if word in offerable or word in user_words or (lexicon is not None and word in lexicon)

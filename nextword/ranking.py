@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Sequence
@@ -10,10 +9,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from nextword.tokenizer import Lexicon, Vocab, is_word
+from nextword.tokenizer import Lexicon, Vocab, is_word, prefix_run
 from nextword.v1 import nextword_pb2 as pb
 
-_PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
 PROBABILITY, KEYSTROKES = "probability", "keystrokes"  # how a strip's slots are filled (Ranker.predict)
 POLICIES = (PROBABILITY, KEYSTROKES)
 # Keys a word saves by being offered now rather than after one more letter: at most one, as it
@@ -142,9 +140,10 @@ class Ranker:
         self._sorted_ids = np.array(by_word, dtype=np.int64)
         self._lengths = np.array([len(w) for w in vocab.words], dtype=np.float64)  # keys a word costs
 
-    def unknown(self, tokens: Iterable[str]) -> list[str]:
-        """The words among ``tokens`` the vocabulary lacks (what ``UserWords`` keeps)."""
-        return [t for t in tokens if self._vocab.id(t) == self._vocab.unk_id and is_word(t)]
+    def unknown(self, tokens: Sequence[str], ids: Sequence[int]) -> list[str]:
+        """The words among ``tokens`` (encoded as ``ids``) the vocabulary lacks (what ``UserWords`` keeps)."""
+        unk = self._vocab.unk_id
+        return [t for t, i in zip(tokens, ids, strict=True) if i == unk and is_word(t)]
 
     def predict(
         self,
@@ -195,8 +194,7 @@ class Ranker:
 
     def completion_ids(self, prefix: str) -> np.ndarray:
         """Ids of the suggestable words that start with ``prefix`` (already normalised)."""
-        lo = bisect.bisect_left(self._sorted_words, prefix)
-        hi = bisect.bisect_left(self._sorted_words, prefix + _PREFIX_END, lo)
+        lo, hi = prefix_run(self._sorted_words, prefix)
         return self._sorted_ids[lo:hi]
 
     def _top(
@@ -246,7 +244,6 @@ class Ranker:
         """
         mine = dict(user_words.starting(partial)) if user_words else {}
         known = dict(self._lexicon.starting(partial, k + len(passed))) if self._lexicon else {}
-        known = {w: share for w, share in known.items() if self._vocab.id(w) == self._vocab.unk_id}
         weight = 0.5 if mine and self._lexicon else 1.0
         shares = {w: weight * s for w, s in known.items()}
         for w, s in mine.items():

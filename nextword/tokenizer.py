@@ -25,7 +25,7 @@ import bisect
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,6 +157,15 @@ class Vocab:
         return cls(tuple(path.read_text(encoding="utf-8").split("\n")[:-1]))
 
 
+_PREFIX_END = "\U0010ffff"  # sorts after any character: prefix + this bounds the words with that prefix
+
+
+def prefix_run(words: Sequence[str], prefix: str) -> tuple[int, int]:
+    """Where the words starting with ``prefix`` are in sorted ``words``: ``words[lo:hi]``."""
+    lo = bisect.bisect_left(words, prefix)
+    return lo, bisect.bisect_left(words, prefix + _PREFIX_END, lo)
+
+
 class Lexicon:
     """Words of a training text outside its vocabulary, with how often they occur (``lexicon.txt``).
 
@@ -182,8 +191,7 @@ class Lexicon:
 
     def starting(self, prefix: str, k: int) -> list[tuple[str, float]]:
         """The ``k`` most frequent words starting with ``prefix``, each with its share of the lexicon."""
-        lo = bisect.bisect_left(self.words, prefix)
-        hi = bisect.bisect_left(self.words, prefix + "\U0010ffff", lo)
+        lo, hi = prefix_run(self.words, prefix)
         # Most used first, then alphabetical (the run's order): one distinct key per word, so that a
         # partial selection (linear in the run) and a sort of the k kept give exactly that order.
         key = -self._counts[lo:hi] * (hi - lo) + np.arange(hi - lo)

@@ -396,9 +396,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         With a ``session`` and a store, its record goes to the store with the new state.
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
+        ids = self._bundle.vocab.encode(tokens)
         # A one-shot prediction's words are its text's; a session's, every text it was sent.
         user_words = (NO_USER_WORDS if session is None else session.user_words).after(
-            self._ranker.unknown(tokens)
+            self._ranker.unknown(tokens, ids)
         )
         passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
         record = None
@@ -415,9 +416,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
         lone = session is not None and len(self._streams) == 1  # nobody to batch with: no thread hops
-        scores, slot = await self._model(
-            tokens, src, ticket, keep=keep, whole=whole, record=record, lone=lone
-        )
+        scores, slot = await self._model(ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone)
         context_tokens += len(tokens)
         prediction = self._ranker.predict(
             scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
@@ -428,7 +427,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     async def _model(
         self,
-        tokens: list[str],
+        ids: list[int],
         src: int,
         ticket: Ticket,
         *,
@@ -437,13 +436,12 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         record: Record | None,
         lone: bool,
     ) -> tuple[Scores, int]:
-        """Feed ``tokens`` from the state in slot ``src`` (with none, read that state): the next word's
+        """Feed token ``ids`` from the state in slot ``src`` (with none, read that state): the next word's
         scores, and the slot of the new state (with ``keep`` a fresh one the caller now holds)."""
         slot = src
         try:
-            if tokens:
+            if ids:
                 slot = self._pool.alloc() if keep else DISCARD
-                ids = self._bundle.vocab.encode(tokens)
                 scores = await self._batcher.advance(
                     ids,
                     src,

@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from nextword.bundle import BundleError, load_bundle
+from nextword.bundle import BundleError, Manifest, load_bundle, write_manifest
 from nextword.cli import main as nextword
 from nextword.export.config import ModelConfig
 from nextword.export.onnx_export import ParityError, export_bundle, load_run
@@ -127,6 +127,11 @@ def test_invalid_bundles_are_refused_with_a_reason(tiny_bundle: Path, tmp_path: 
         load_bundle(bad)
     (bad / "manifest.json").write_text(json.dumps({**manifest, "state": []}))
     with pytest.raises(BundleError, match="no recurrent state"):
+        load_bundle(bad)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    (bad / "lexicon.txt").write_text("the\t3\n")  # a word the model names is no lexicon word
+    write_manifest(bad, Manifest.from_dict(manifest))  # checksums of every file, the new one too
+    with pytest.raises(BundleError, match="'the' is a vocabulary word"):
         load_bundle(bad)
 
 

@@ -37,6 +37,12 @@ def _redis(tmp_path: Path, store: str) -> Iterator[str]:
         yield redis.url
 
 
+async def _health(channel: grpc.aio.Channel, service: str = "nextword.SessionStore") -> int:
+    """The server's health status of ``service`` (the session store's unless told)."""
+    request = health_pb2.HealthCheckRequest(service=service)
+    return int((await health_pb2_grpc.HealthStub(channel).Check(request)).status)
+
+
 async def _type_through(typists: list[Typist], kill: asyncio.Event, killer: Awaitable[object]) -> None:
     """Everyone types; once all have typed a few pieces ``kill`` is set; everyone types 8 more."""
     killed = asyncio.Event()
@@ -136,9 +142,7 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
             AsyncNextWordClient(other.target, timeout=10) as elsewhere,
             grpc.aio.insecure_channel(server.target) as channel,
         ):
-            health = health_pb2_grpc.HealthStub(channel)
-            store = health_pb2.HealthCheckRequest(service="nextword.SessionStore")
-            assert (await health.Check(store)).status == health_pb2.HealthCheckResponse.SERVING
+            assert await _health(channel) == health_pb2.HealthCheckResponse.SERVING
             async with client.session() as session:
                 before = await session.send("it is a truth universally acknowledged that a single ")
                 redis.kill()
@@ -146,8 +150,7 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
                 assert during.context_tokens == before.context_tokens + 1
 
                 async def down() -> bool:
-                    status = (await health.Check(store)).status
-                    return status == health_pb2.HealthCheckResponse.NOT_SERVING
+                    return await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
 
                 for _ in range(50):
                     if await down():
@@ -156,8 +159,7 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
                 assert await down()
                 assert server.metric("nextword_session_store_up") == {'{store="redis"}': 0.0}
                 # The server as a whole still serves.
-                overall = health_pb2.HealthCheckRequest(service="")
-                assert (await health.Check(overall)).status == health_pb2.HealthCheckResponse.SERVING
+                assert await _health(channel, "") == health_pb2.HealthCheckResponse.SERVING
                 # Another replica cannot resume it now: NOT_FOUND, which the client library answers
                 # by replaying the session's text (tests/test_restart.py).
                 with pytest.raises(grpc.RpcError) as lost:
@@ -167,7 +169,7 @@ async def test_while_the_store_is_down_attached_sessions_go_on_and_health_says_s
                 assert "session store is unreachable" in str(lost.value.details())
             redis.restart()
             for _ in range(50):
-                if (await health.Check(store)).status == health_pb2.HealthCheckResponse.SERVING:
+                if await _health(channel) == health_pb2.HealthCheckResponse.SERVING:
                     break
                 await asyncio.sleep(0.2)
             assert server.metric("nextword_session_store_up") == {'{store="redis"}': 1.0}
@@ -226,9 +228,7 @@ async def test_a_server_starts_while_its_store_is_down_and_uses_it_once_it_answe
             AsyncNextWordClient(server.target, timeout=10) as client,
             grpc.aio.insecure_channel(server.target) as channel,
         ):
-            health = health_pb2_grpc.HealthStub(channel)
-            store = health_pb2.HealthCheckRequest(service="nextword.SessionStore")
-            assert (await health.Check(store)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
             async with client.session() as session:
                 assert (await session.send("it is a truth ")).context_tokens == 4
             redis_proc.restart()
