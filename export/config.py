@@ -149,12 +149,18 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """``nextword quantize``: an int8 bundle from an fp32 one."""
+    """``nextword quantize``: an int8 (CPU) or fp16 (CUDA) bundle from an fp32 one."""
 
     bundle: Path = positional("an fp32 bundle")
-    out: Path = required("int8 bundle directory to write")
+    out: Path = required("bundle directory to write")
     data: Path = required(
         "calibration text: a file, or a directory (valid.txt calibrates; valid/test.txt are scored)"
+    )
+    precision: str = option(
+        "int8",
+        "int8: calibrated static int8, for CPUs; fp16: half-precision weights and arithmetic, for CUDA "
+        "GPUs (scored on CUDA where there is one, else on the CPU, slowly)",
+        choices=("int8", "fp16"),
     )
 
 

@@ -21,6 +21,14 @@ calibrated on the states the step graph returns, so both graphs quantize the
 projection with the same scales and the head's answer for a state is the
 answer the step gave with it. The manifest records the perplexity change
 measured on the calibration corpus's valid/test splits.
+
+``--precision fp16`` writes a half-precision twin for CUDA GPUs instead: every
+weight and product in fp16 (half the bytes a step reads), with the graph's
+inputs and outputs kept float32 so the state spec, the server and the clients
+are unchanged, and the softmax and top-k kept float32 so log-probs keep their
+resolution. No calibration: fp16 is batch-independent as it stands. It is
+scored on CUDA where onnxruntime has it; onnxruntime's CPU runs it too, but
+no faster than fp32, so it is not a CPU format.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from .config import QuantizeConfig
 
 QUANTIZED_OPS = ["Gemm", "MatMul"]  # by onnxruntime; embedding Gathers are rewritten here
 WEIGHTS = "weights.bin"
+GraphFile = tuple[str, onnx.ModelProto]  # a graph and the file name it is saved under
 
 
 class QuantizeError(ValueError):
@@ -230,7 +239,7 @@ def _constant(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
     return name
 
 
-def write_graphs(out: Path, graphs: list[tuple[str, onnx.ModelProto]]) -> None:
+def write_graphs(out: Path, graphs: list[GraphFile]) -> None:
     """Save the graphs; the first one's large tensors go to weights.bin, shared by the others.
 
     A later graph's initializer points into weights.bin when the first graph
@@ -298,11 +307,11 @@ def _quantized_manifest(m: Manifest, calibration: Path, command: str, embeddings
     return manifest
 
 
-def score(manifest: Manifest, fp32: Bundle, out: Path, calibration: Path) -> None:
-    """Perplexity of the int8 bundle on valid/test next to the fp32 one's, into the manifest."""
+def score(manifest: Manifest, fp32: Bundle, out: Path, calibration: Path, *, device: str = "cpu") -> None:
+    """Perplexity of the new bundle on valid/test next to the fp32 one's, into the manifest."""
     from nextword.evaluate import evaluate  # the scorer `nextword eval` uses
 
-    q = OnnxLM(load_bundle(out), device="cpu")
+    q = OnnxLM(load_bundle(out), device=device)
     for split in ("valid", "test"):
         path = calibration / f"{split}.txt"
         if not (calibration.is_dir() and path.is_file()):
@@ -315,7 +324,7 @@ def score(manifest: Manifest, fp32: Bundle, out: Path, calibration: Path) -> Non
         if "perplexity" in before and _measured_on(fp32.manifest, split, path):
             fp32_ppl = float(before["perplexity"])
         else:  # the fp32 bundle was scored on another text (or not at all): score it on this one
-            fp32_ppl = float(evaluate(fp32.path, path, fmt=fmt)["perplexity"])
+            fp32_ppl = float(evaluate(fp32.path, path, fmt=fmt, device=device)["perplexity"])
         change = scores["perplexity"] / fp32_ppl - 1
         manifest.metrics[f"{split}_perplexity_change"] = change
         print(f"{split}: perplexity {scores['perplexity']:.2f} (fp32 {fp32_ppl:.2f}, {change:+.2%})")
@@ -331,31 +340,72 @@ def _measured_on(m: Manifest, split: str, path: Path) -> bool:
     return isinstance(known, dict) and known.get("path") == recorded and known.get("sha256") == sha256(path)
 
 
-def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "") -> Manifest:
-    """Write the int8 twin of the bundle ``src`` to ``out`` (replaced only once it is complete)."""
-    bundle = load_bundle(src)
-    _check_out(out, bundle)
+def _int8_graphs(bundle: Bundle, calibration: Path, command: str) -> tuple[list[GraphFile], Manifest]:
     text = _calibration_text(calibration)
     step_feeds, head_feeds = calibration_feeds(OnnxLM(bundle, device="cpu"), text)
+    graphs, embeddings = [], 0
+    m = bundle.manifest
+    with tempfile.TemporaryDirectory(prefix="nextword-quantize-") as tmp:
+        work = ((m.step, step_feeds), (m.head, head_feeds))
+        for graph, feeds in progress(work, desc="quantizing", unit="graph"):
+            model, lookups = quantize_graph(bundle.path / graph.file, Path(tmp), feeds)
+            graphs.append((graph.file, model))
+            embeddings += lookups
+    return graphs, _quantized_manifest(m, calibration, command, embeddings)
+
+
+FP32_OPS = ["LogSoftmax", "Add", "TopK"]  # log-probs, the offerable-word mask, ranking: kept float32
+
+
+def _fp16_graphs(bundle: Bundle, calibration: Path, command: str) -> tuple[list[GraphFile], Manifest]:
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    m = bundle.manifest
+    graphs = []
+    for graph in (m.step, m.head):
+        model = onnx.load(str(bundle.path / graph.file))
+        half = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
+        )
+        OnnxModel(half).topological_sort()  # the converter appends its input casts last
+        graphs.append((graph.file, half))
+    manifest = copy.deepcopy(m)
+    manifest.files, manifest.metrics = {}, {}
+    manifest.name = f"{m.name}-fp16"
+    manifest.export = {
+        **m.export,
+        "quantization": {
+            "type": "fp16: weights and products in half precision, float32 inputs and outputs",
+            "float32_ops": FP32_OPS,
+            "for": "CUDAExecutionProvider (onnxruntime's CPU runs it no faster than fp32)",
+            "from_bundle": m.name,
+            "calibration": str(calibration),
+            "command": command,
+        },
+    }
+    return graphs, manifest
+
+
+def quantize_bundle(
+    src: Path, out: Path, *, calibration: Path, command: str = "", precision: str = "int8"
+) -> Manifest:
+    """Write the int8 (or fp16) twin of the bundle ``src`` to ``out`` (replaced only once complete)."""
+    bundle = load_bundle(src)
+    _check_out(out, bundle)
+    make = {"int8": _int8_graphs, "fp16": _fp16_graphs}[precision]
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     try:
-        graphs, embeddings = [], 0
+        graphs, manifest = make(bundle, calibration, command)
         m = bundle.manifest
-        with tempfile.TemporaryDirectory(prefix="nextword-quantize-") as tmp:
-            work = ((m.step, step_feeds), (m.head, head_feeds))
-            for graph, feeds in progress(work, desc="quantizing", unit="graph"):
-                model, lookups = quantize_graph(bundle.path / graph.file, Path(tmp), feeds)
-                graphs.append((graph.file, model))
-                embeddings += lookups
         write_graphs(partial, graphs)
         for name in (m.vocab_file, *([m.lexicon_file] if m.lexicon_file else [])):
             shutil.copyfile(bundle.path / name, partial / name)
-        manifest = _quantized_manifest(m, calibration, command, embeddings)
         write_manifest(partial, manifest)
-        score(manifest, bundle, partial, calibration)
+        score(manifest, bundle, partial, calibration, device="auto" if precision == "fp16" else "cpu")
         write_manifest(partial, manifest)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -369,7 +419,7 @@ def quantize_bundle(src: Path, out: Path, *, calibration: Path, command: str = "
 def _check_out(out: Path, bundle: Bundle) -> None:
     """Refuse an ``out`` that is the fp32 bundle, or anything but a bundle that may be replaced."""
     if out.resolve() == bundle.path.resolve():
-        raise QuantizeError(f"--out {out} is the fp32 bundle itself; write the int8 one elsewhere")
+        raise QuantizeError(f"--out {out} is the fp32 bundle itself; write the new one elsewhere")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
         raise QuantizeError(f"--out {out} exists and is not a model bundle; not replacing it")
 
@@ -382,7 +432,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = from_args(QuantizeConfig, args)
     command = "nextword " + shlex.join(args.argv) if getattr(args, "argv", None) else ""
     try:
-        quantize_bundle(cfg.bundle, cfg.out, calibration=cfg.data, command=command)
+        quantize_bundle(cfg.bundle, cfg.out, calibration=cfg.data, command=command, precision=cfg.precision)
     except (ValueError, OSError) as exc:
         print(f"nextword quantize: error: {exc}", file=sys.stderr)
         return 2

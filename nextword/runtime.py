@@ -44,12 +44,30 @@ def choose_providers(device: str) -> list[str]:
                 "--device cuda: this onnxruntime has no CUDAExecutionProvider "
                 f"(available: {', '.join(available)}); install onnxruntime-gpu on a CUDA machine"
             )
+        _preload_cuda()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
         raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if "CUDAExecutionProvider" in available and _cuda_device_present():
+    if cuda_available():
+        _preload_cuda()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def cuda_available() -> bool:
+    """Whether this onnxruntime has CUDA and the machine a GPU to run it on."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
+
+
+def _preload_cuda() -> None:
+    # CUDA and cuDNN installed as pip wheels (nvidia-*, beside torch say) are not on the loader's
+    # path; onnxruntime-gpu finds and loads them itself (a no-op where the system has them).
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # the CUDA provider's own load error says more, if it comes to that
+            log.debug("onnxruntime.preload_dlls: %s", exc)
 
 
 def _cuda_device_present() -> bool:
@@ -87,6 +105,13 @@ class OnnxLM:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{bundle.path}: onnxruntime cannot load the graphs: {exc}") from exc
         self.provider = self._step.get_providers()[0]
+        if self.provider != providers[0]:
+            # onnxruntime falls back to the CPU quietly when CUDA or cuDNN fails to load
+            if device == "cuda":
+                raise RuntimeError(
+                    f"--device cuda: {providers[0]} did not load (onnxruntime's warning above says why)"
+                )
+            log.warning("%s did not load; running on %s", providers[0], self.provider)
         self._check_io()
         self.state_spec = m.state
         self._tokens = m.step.inputs[0]

@@ -159,13 +159,26 @@ async def serve(
     return 0
 
 
+WARM_EVERY_SIZE_UP_TO = 128  # above it, sizes 25% apart: warming all of 1..4096 would take hours
+
+
+def warm_sizes(max_batch: int) -> list[int]:
+    """The batch sizes ``warm_up`` runs: every one up to 128, then one every 25% up to ``max_batch``."""
+    sizes = list(range(1, min(max_batch, WARM_EVERY_SIZE_UP_TO) + 1))
+    while sizes[-1] < max_batch:
+        sizes.append(min(max_batch, sizes[-1] * 5 // 4))
+    return sizes
+
+
 def warm_up(lm: OnnxLM, max_batch: int) -> None:
-    """Run every batch size the batcher can form once, so no user meets a cold shape.
+    """Run the batch sizes the batcher forms once, so no user meets a cold shape.
 
     onnxruntime sizes its buffers on the first call of each shape; doing that now
-    costs a few milliseconds here instead of a slow first reply there.
+    costs a few milliseconds here instead of a slow first reply there. Past 128
+    (GPU batch sizes) only sizes 25% apart are run; a size between them pays its
+    first call once, in a batch that large.
     """
-    for n in range(1, max_batch + 1):
+    for n in warm_sizes(max_batch):
         state = lm.zero_state(n)
         for seq in (1, 2) if n == 1 else (1,):
             lm.step_ranked(np.ones((n, seq), dtype=np.int64), state, whole_distribution=True)
@@ -337,6 +350,11 @@ def _grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # ... and a client may ping too, idle or not, but not more often than this (else GOAWAY).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", ms(config.min_client_ping_interval)),
+        # Calls that arrived but that the event loop has not taken up yet: gRPC core cancels those past
+        # 1,000 by default, so a burst of new streams (a load balancer's failover, a fleet of
+        # keyboards reconnecting) lost some to CANCELLED/INTERNAL. The bound is the RPC limit's.
+        ("grpc.server.max_pending_requests", config.max_concurrent_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", config.max_concurrent_rpcs),
     ]
 
 
