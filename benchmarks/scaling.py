@@ -25,8 +25,9 @@ Every ratio compares numbers measured in this run, on this machine:
       alternated (none, redis, embedded, none, ...: three of each) and the
       median p50 of each compared;
 * S6  the same for the embedded store (a SQLite file), for information.
-* S7  where the machine has the cores: words/s with N workers against N × one
-      worker's, N up to half the cores (the load generator gets the rest).
+
+S7 (N workers against N × one worker's, on a machine with many cores) is
+measured by ``python -m benchmarks.gpu``, with the GPU machine's other rows.
 
 The load is ``nextword.clients.loadtest`` (closed loop, one word per request,
 k=3) for every server, each process's streams spread over ``--connections``

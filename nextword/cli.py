@@ -84,7 +84,7 @@ COMMANDS = {
         needs=_TRAIN,
     ),
     "quantize": Command(
-        "an int8 (CPU) or fp16 (CUDA) bundle from an fp32 one; int8 with calibrated (batch-independent) scales",
+        "an int8 (CPU) or fp16 (CUDA) bundle from an fp32 one (int8: calibrated, batch-independent scales)",
         "nextword.export.quantize:main",
         ("nextword.export.config:QuantizeConfig",),
         extra="quantize",

@@ -153,3 +153,44 @@ def test_an_untied_embedding_gets_its_own_int8_rows() -> None:
     got = session.run(None, {"tokens": tokens})[0]
     step = np.abs(table).max(axis=1) / 127
     assert np.all(np.abs(got - table[tokens]) <= step[tokens][..., None] / 2 + 1e-7)
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tiny_bundle: Path, tiny_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    quantize_bundle(tiny_bundle, out, calibration=tiny_corpus, precision="fp16")
+    return out
+
+
+def test_fp16_bundle_computes_in_half_precision_behind_float32_io(
+    fp16_bundle: Path, tiny_bundle: Path
+) -> None:
+    bundle, fp32 = load_bundle(fp16_bundle), load_bundle(tiny_bundle)
+    m = bundle.manifest
+    assert m.name == "tiny-fp16" and m.export["quantization"]["type"].startswith("fp16")
+    # The state spec, and so the server, the store and the clients, are those of the fp32 bundle.
+    assert m.state == fp32.manifest.state
+    step = onnx.load(str(fp16_bundle / m.step.file))
+    assert {i.type.tensor_type.elem_type for i in step.graph.input if i.name.startswith("state")} == {
+        onnx.TensorProto.FLOAT
+    }
+    recurrent = next(n for n in step.graph.node if n.op_type == m.cell.upper())
+    weights = {t.name: t for t in step.graph.initializer}
+    assert weights[recurrent.input[1]].data_type == onnx.TensorProto.FLOAT16
+    assert _size(fp16_bundle) < 0.7 * _size(tiny_bundle)
+    # Scored where it was made (on the CPU here): the same model, to fp16's precision.
+    assert abs(m.metrics["test_perplexity_change"]) < 0.01
+
+
+def test_fp16_answers_what_fp32_answers(fp16_bundle: Path, tiny_bundle: Path) -> None:
+    half, full = (
+        OnnxLM(load_bundle(fp16_bundle), device="cpu"),
+        OnnxLM(load_bundle(tiny_bundle), device="cpu"),
+    )
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, full.vocab_size, (8, 6))
+    a, _ = half.step(tokens, half.zero_state(8))
+    b, _ = full.step(tokens, full.zero_state(8))
+    assert a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=0.02)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75

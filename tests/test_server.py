@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -624,3 +625,39 @@ async def test_no_repeat_leaves_out_what_the_user_typed_past(
     plain = await stub.Predict(pb.PredictRequest(text="the cat ", k=3))
     assert_same(after.prediction, plain.prediction)
     await chat.close()
+
+
+async def test_a_burst_of_new_streams_is_answered_in_full(tiny_bundle: Path) -> None:
+    """More streams at once than gRPC core keeps waiting by default (1,000) for the event loop to
+    take them up: every one is answered (core used to cancel the rest: INTERNAL at the client)."""
+    async with serving(tiny_bundle) as (running, _):
+        # 4 connections of 400 streams: well inside the per-connection limit (1,000)
+        own = [("grpc.use_local_subchannel_pool", 1)]  # four connections, not one shared
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{running.port}", options=own) for _ in range(4)]
+        try:
+            for ch in channels:  # connected (HTTP/2 settings exchanged) before the burst
+                await ch.channel_ready()
+            calls = [pb_grpc.NextWordStub(channels[i % 4]).Session() for i in range(1600)]
+
+            async def first_reply(call: Any) -> grpc.StatusCode:
+                await call.write(pb.SessionRequest(text="the "))
+                reply = await call.read()
+                await call.done_writing()
+                assert isinstance(reply, pb.SessionReply)
+                return await call.code()
+
+            codes = await asyncio.gather(*map(first_reply, calls), return_exceptions=True)
+        finally:
+            for ch in channels:
+                await ch.close(None)
+    failed = [c for c in codes if c != grpc.StatusCode.OK]
+    assert not failed, f"{len(failed)} of {len(codes)} streams failed, e.g. {failed[0]!r}"
+
+
+async def test_warm_up_runs_every_small_batch_size_and_a_ladder_above() -> None:
+    from nextword.server.app import warm_sizes
+
+    assert warm_sizes(64) == list(range(1, 65))  # the CPU default: every size a batch can have
+    big = warm_sizes(4096)  # a GPU's: every size to 128, then 25% apart (not 4,096 calls at startup)
+    assert big[:128] == list(range(1, 129)) and big[-1] == 4096 and len(big) < 150
+    assert all(b / a <= 1.25 for a, b in itertools.pairwise(big[127:]))

@@ -185,3 +185,36 @@ def test_quick_run_prints_every_goal_with_finite_numbers(tiny_bundle: Path, tmp_
         assert run["result"]["words"] > 0 and run["result"]["p50_ms"] > 0, run
     assert report["raw"]["fp32"]["step_b1"]["p50_ms"] > 0
     assert all(r["words_per_s"] > 0 for r in report["raw"]["fp32"]["throughput"].values())
+
+
+def test_gpu_report_judges_worker_scaling_against_n_times_one_worker() -> None:
+    from benchmarks.gpu import render
+
+    def run(label: str, words: float) -> dict[str, Any]:
+        return {
+            "label": label,
+            "streams": 128,
+            "words_per_s": words,
+            "p50_ms": 1.0,
+            "p99_ms": 2.0,
+            "mean_batch": 10.0,
+            "error": "",
+        }
+
+    found: dict[str, Any] = {
+        "machine": {"revision": "r", "cpu": "cpu", "nproc": 16, "onnxruntime": "1"},
+        "gpu": "a GPU",
+        "provider": "CUDAExecutionProvider",
+        "raw": [],
+        "fp16": {},
+        "runs": [run("S7 cpu 1 workers", 1000), run("S7 cpu 2 workers", 1500), run("S7 cpu 4 workers", 2900)],
+    }
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in render(found, "cmd").splitlines()
+        if "S7" not in line and line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    }
+    assert "**0.75**" in rows["2"] and rows["2"].rstrip(" |").endswith("pass")
+    assert "**0.72**" in rows["4"] and "pass" in rows["4"]
+    found["runs"][2] = run("S7 cpu 4 workers", 2700)  # 0.675 of 4 x one worker's
+    assert "FAIL" in render(found, "cmd")
