@@ -4,7 +4,10 @@ Callers await ``advance``/``peek`` naming the state slot to read (``server/state
 and, for a step, the slot to write the new state into (or ``DISCARD``). A single
 worker task groups waiting requests (a step group needs one sequence length:
 padding would run pad tokens through the recurrent state and corrupt it; head
-calls always group), gathers the group's states from the pool with one
+calls always group). So that typists' steps share one call whatever their
+length, an interactive request of several tokens runs a token a call, each
+beside the other streams' one-token steps (with at most one stream open it runs
+whole: nobody would share those calls). The worker gathers the group's states from the pool with one
 ``np.take`` per state tensor, runs one graph call in a one-thread executor
 (onnxruntime releases the GIL, so the event loop keeps serving), and scatters
 the new states back with one indexed write per tensor. While a call runs, new
@@ -144,13 +147,19 @@ class Batcher:
         """
         if not tokens:
             raise ValueError("advance needs at least one token")
-        if len(tokens) <= self._chunk:
+        # With another stream open, a request of several tokens runs a token a call (below); with
+        # none, nobody would share those calls: it runs whole.
+        if len(tokens) == 1 or (len(tokens) <= self._chunk and self.open_streams() <= 1):
             scores = await self._submit(
                 self._interactive, len(tokens), tokens, src, dst, whole_distribution, record, lone
             )
             progress(len(tokens))
             return scores
-        return await self._prefill_chunks(tokens, src, dst, whole_distribution, progress, record)
+        if len(tokens) <= self._chunk:  # a token a call, beside everyone else's one-token steps
+            return await self._in_pieces(True, 1, tokens, src, dst, whole_distribution, progress, record)
+        return await self._in_pieces(
+            False, self._chunk, tokens, src, dst, whole_distribution, progress, record
+        )
 
     async def peek(
         self, src: int, *, whole_distribution: bool, record: Record | None = None, lone: bool = False
@@ -161,8 +170,10 @@ class Batcher:
         """
         return await self._submit(self._interactive, HEAD, (), src, DISCARD, whole_distribution, record, lone)
 
-    async def _prefill_chunks(
+    async def _in_pieces(
         self,
+        interactive: bool,
+        size: int,
         tokens: Sequence[int],
         src: int,
         dst: int,
@@ -170,23 +181,29 @@ class Batcher:
         progress: Callable[[int], None],
         record: Record | None,
     ) -> Scores:
-        """Run a long step as chunks, each from the state the previous one left; rank the last only."""
+        """Run a step as pieces of ``size`` tokens, each from the state the previous one left, in the
+        interactive queue or the prefill one; rank the last only."""
         # Intermediate states need a slot even when nobody keeps the final one (a one-shot Predict).
         work = self._pool.alloc() if dst == DISCARD else dst
         try:
-            size = self._chunk
             for start in range(0, len(tokens) - size, size):
                 chunk = tokens[start : start + size]
-                await self._submit(self._prefill, size, chunk, src, work, False)
+                await self._submit(self._queue(interactive), size, chunk, src, work, False)
                 progress(size)
                 src = work
             last = tokens[(len(tokens) - 1) // size * size :]
-            scores = await self._submit(self._prefill, len(last), last, src, dst, whole_distribution, record)
+            scores = await self._submit(
+                self._queue(interactive), len(last), last, src, dst, whole_distribution, record
+            )
             progress(len(last))
             return scores
         finally:
             if dst == DISCARD:
                 self._pool.free(work)
+
+    def _queue(self, interactive: bool) -> deque[_Request]:
+        # Looked up at each submit: _run_prefill replaces the prefill deque.
+        return self._interactive if interactive else self._prefill
 
     async def _submit(
         self,

@@ -42,7 +42,7 @@ class ServerConfig:
     )
     max_batch: int = option(64, "most session steps run in one onnxruntime call")
     max_delay_ms: float = option(
-        2.0,
+        5.0,
         "most a step waits under load for others to share its call; the wait ends as soon as one "
         "more step than the last call had is queued (0: never wait)",
     )
