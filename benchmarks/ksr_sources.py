@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.presage_ksr import ensure_presage, run_corpus
+from benchmarks.presage_ksr import CORPORA, ensure_presage, run_corpus
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--presage-corpus",
         default="gutenberg",
-        choices=["gutenberg", "brown"],
-        help="Presage's training text: the bundle's",
+        choices=CORPORA,
+        help="Presage's training text: the bundle's (mixed: its train-open.txt)",
     )
     args = p.parse_args(argv)
     found = texts(args.data_root)

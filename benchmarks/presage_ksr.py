@@ -3,9 +3,11 @@
     python benchmarks/presage_ksr.py                      # gutenberg and brown, first 20,000 chars
     python benchmarks/presage_ksr.py --corpus gutenberg --chars 20000 --slots 3
     python benchmarks/presage_ksr.py --corpus gutenberg --test ../shared/data/mixed/test-by-source/abc.txt
+    python benchmarks/presage_ksr.py --corpus mixed --test ../shared/data/mixed/test-by-source/abc.txt
 
 For each corpus: installs ``presage`` if missing (apt), builds Presage's n-gram
-database (orders 1..3, lower-cased) from the corpus's train split with its own
+database (orders 1..3, lower-cased) from the corpus's train split (mixed:
+``train-open.txt``, the text a shipped model may train on) with its own
 ``text2ngram``, writes a copy of ``/etc/presage.xml`` whose only predictor is
 that 3-gram (``DefaultSmoothedNgramPredictor``, default deltas) with
 ``SUGGESTIONS`` = the strip size, and runs ``presage_simulator -i`` (case
@@ -45,6 +47,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "benchmarks" / ".cache" / "presage"
 DATA = ROOT.parent / "shared" / "data"
+CORPORA = ("gutenberg", "brown", "mixed")
+# The split a corpus's Presage is built from: mixed's train-open.txt is the text a shipped model
+# may train on (../shared/data/mixed/README), so a Presage beside such a model reads the same.
+TRAIN_FILE = {"mixed": "train-open.txt"}
 SYSTEM_CONFIG = Path("/etc/presage.xml")
 NGRAM_ORDER = 3  # the default profile's DELTAS (0.01 0.1 0.89) make a 3-gram
 PREDICTOR = "DefaultSmoothedNgramPredictor"
@@ -134,7 +140,7 @@ def run_corpus(
     learning as it types, from nothing (a new user database each run)."""
     out_dir = CACHE / corpus
     out_dir.mkdir(parents=True, exist_ok=True)
-    db = build_database(data_root / corpus / "train.txt", out_dir)
+    db = build_database(data_root / corpus / TRAIN_FILE.get(corpus, "train.txt"), out_dir)
     test = test or data_root / corpus / "test.txt"
     # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
     text = test.read_text(encoding="utf-8")[:chars]
@@ -153,7 +159,12 @@ def run_corpus(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--corpus", action="append", choices=["gutenberg", "brown"], help="default: both")
+    p.add_argument(
+        "--corpus",
+        action="append",
+        choices=CORPORA,
+        help="default: gutenberg and brown (mixed: its train-open.txt)",
+    )
     p.add_argument("--chars", type=int, default=20000, help="first N characters of test.txt")
     p.add_argument("--slots", type=int, default=3, help="suggestions shown (Presage's SUGGESTIONS)")
     p.add_argument(
@@ -161,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="REPEAT_SUGGESTIONS yes: re-offer words already shown for this word, as nextword's strip does",
     )
-    p.add_argument("--data-root", type=Path, default=DATA, help="directory holding <corpus>/{train,test}.txt")
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=DATA,
+        help="directory holding <corpus>/{train,test}.txt (mixed: train-open.txt)",
+    )
     p.add_argument("--test", type=Path, help="type this text instead of the corpus's test.txt")
     p.add_argument("--learn", action="store_true", help="Presage learns as it types (its default)")
     args = p.parse_args(argv)
