@@ -192,7 +192,7 @@ def test_compose_gpu_profile() -> None:
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     command = " ".join(gpu["command"])
-    assert "--device cuda" in command and "--workers 2" in command
+    assert "--device cuda" in command and "--workers 4" in command and "--max-batch 1024" in command
 
 
 def test_compose_replicas_profile() -> None:
