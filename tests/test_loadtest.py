@@ -117,6 +117,11 @@ def test_rate_is_open_loop_at_the_rate_asked(
     assert report["p50_ms"] <= report["p99_ms"] <= report["max_ms"]
 
 
+def _forty_words(server: tuple[str, int]) -> tuple[str, ...]:
+    """A short run: 4 streams, 40 words in all."""
+    return ("--target", server[0], "--streams", "4", "--words", "40")
+
+
 def test_context_words_are_sent_in_one_prefill_request(
     server: tuple[str, int], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -124,12 +129,7 @@ def test_context_words_are_sent_in_one_prefill_request(
     text.write_text("the cat sat on the mat and the dog sat by the door . " * 20, encoding="utf-8")
     code, report, _ = _loadtest(
         capsys,
-        "--target",
-        server[0],
-        "--streams",
-        "4",
-        "--words",
-        "40",
+        *_forty_words(server),
         "--context-words",
         "60",
         "--text",
@@ -267,3 +267,24 @@ async def test_run_load_counts_failed_streams_and_keeps_going() -> None:
     assert report.words > 20  # the two healthy streams ran on to the end
     assert report.histogram.get_total_count() == report.words
     assert report.to_json_dict()["words_per_s"] > 0
+
+
+def test_the_strip_is_asked_for_once_on_each_stream_first_request() -> None:
+    from nextword.clients.loadtest.engine import Share, _Load, _Stream
+
+    spec = LoadSpec(target="127.0.0.1:1", streams=1, strip="keystrokes", no_repeat=True)
+    load = _Load(spec, Share(0, 1), ("the", "cat"))
+    first, later = load._request(_Stream(0, 0), 1, True), load._request(_Stream(0, 0), 1, False)
+    assert (
+        first.HasField("strip") and first.strip.policy == pb.Strip.POLICY_KEYSTROKES and first.strip.no_repeat
+    )
+    assert not later.HasField("strip")  # the session keeps it
+    plain = _Load(LoadSpec(target="127.0.0.1:1", streams=1), Share(0, 1), ("the",))
+    assert not plain._request(_Stream(0, 0), 1, True).HasField("strip")  # the server's default
+
+
+def test_a_run_with_a_keystrokes_strip_is_answered(
+    server: tuple[str, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report, _ = _loadtest(capsys, *_forty_words(server), "--strip", "keystrokes", "--no-repeat")
+    assert code == 0 and report["errors"] == {} and report["words"] >= 40

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextword.options import from_args, option, switch
+from nextword.ranking import POLICIES
 
 from ..channel import CredentialsError
 from ..connection import ConnectionOptions
@@ -35,6 +36,12 @@ class LoadTestOptions:
     connections: int = option(
         1, "HTTP/2 connections per process the streams are spread over (a server's workers get connections)"
     )
+    strip: str | None = option(
+        None,
+        "how each session fills its strip, sent on its first request (default: the server's)",
+        choices=POLICIES,
+    )
+    no_repeat: bool = switch("each session asks not to be offered again a word it typed past")
     json: bool = switch("print one JSON object")
     allow_remote: bool = switch("allow a --target that is not loopback")
 
@@ -57,6 +64,8 @@ class LoadTestOptions:
             k=self.k,
             allow_remote=self.allow_remote,
             connections=self.connections,
+            strip=self.strip,
+            no_repeat=self.no_repeat,
         )
 
 

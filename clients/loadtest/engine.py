@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from nextword.ranking import PROBABILITY, strip_message
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -94,8 +95,11 @@ class _Load:
         return True
 
     def _request(self, st: _Stream, n: int, first: bool) -> pb.SessionRequest:
-        # k is a session setting: sent once, on the stream's first request.
-        return pb.SessionRequest(text=self._next_words(st, n), k=self.spec.k if first else 0)
+        # k and the strip are session settings: sent once, on the stream's first request.
+        request = pb.SessionRequest(text=self._next_words(st, n), k=self.spec.k if first else 0)
+        if first and (self.spec.strip is not None or self.spec.no_repeat):
+            request.strip.CopyFrom(strip_message(self.spec.strip or PROBABILITY, self.spec.no_repeat))
+        return request
 
     def _fail(self, code: str, details: str, count: int = 1) -> None:
         self.report.failed_streams += 1

@@ -43,6 +43,10 @@ class LoadSpec:
     # HTTP/2 connections of each process, its streams spread over them: a server's workers are
     # given connections, not streams, so one connection reaches one worker.
     connections: int = 1
+    # How each session fills its strip (nextword.ranking.POLICIES; None: the server's default),
+    # sent once, on a stream's first request, as a keyboard would.
+    strip: str | None = None
+    no_repeat: bool = False
 
     def __post_init__(self) -> None:
         check_target(self.target, allow_remote=self.allow_remote)
