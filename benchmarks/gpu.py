@@ -50,9 +50,10 @@ from benchmarks.serving import ROOT
 from benchmarks.serving.goals import _div as _ratio
 from benchmarks.serving.plan import Plan
 from benchmarks.serving.report import machine
-from benchmarks.serving.runs import Bench, Run
+from benchmarks.serving.runs import Bench, Run, run_table
 from benchmarks.serving.servers import SERVING, Child, running
 from nextword.bundle import Bundle, load_bundle
+from nextword.export.quantize import quantize_bundle
 from nextword.runtime import OnnxLM, choose_providers
 
 SECTION = "## GPU machine"
@@ -155,14 +156,8 @@ def fp16_bundle(src: Path, out: Path, text: Path | None) -> dict[str, Any]:
     """``nextword quantize --precision fp16``; its perplexity change where ``text`` is given."""
     data = text if text is not None else out.parent / "no-text"
     data.mkdir(exist_ok=True)  # without valid.txt or test.txt the bundle is written, not scored
-    cmd = [sys.executable, "-m", "nextword.cli", "quantize", str(src), "--out", str(out)]
-    cmd += ["--data", str(data), "--precision", "fp16"]
-    log(shlex.join(cmd))
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    print(done.stdout, done.stderr, file=sys.stderr)
-    if done.returncode:
-        raise SystemExit(f"fp16 bundle failed: {done.stderr[-2000:]}")
-    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    log(f"fp16 bundle of {src}, scored on {data}")
+    metrics = quantize_bundle(src, out, calibration=data, precision="fp16").metrics
     return {k: v for k, v in metrics.items() if k.endswith(("_perplexity", "_perplexity_change"))}
 
 
@@ -188,8 +183,8 @@ def server(bundle: Path, workers: int, *extra: str) -> Child:
         return Child("nextword serve", cmd, SERVING, timeout=300)
 
 
-def loaded(bench: Bench, child: Child, label: str, streams: int, duration: float) -> Run:
-    workers = int(child.cmd[child.cmd.index("--workers") + 1])
+def loaded(bench: Bench, child: Child, workers: int, label: str, streams: int, duration: float) -> Run:
+    """A closed-loop run against ``child`` (its ``workers`` on the first cores), the load on the rest."""
     cores = os.cpu_count() or 1
     bench.args.procs = max(1, cores - workers)
     with pinned(range(workers, cores)):
@@ -208,14 +203,14 @@ def cores(bench: Bench, bundle: Path, duration: float, most: int) -> list[Run]:
     runs = []
     for n in (n for n in CORE_COUNTS if n <= most):
         with running(server(bundle, n, "--device", "cpu", "--session-store", "none")) as child:
-            runs.append(loaded(bench, child, f"S7 cpu {n} workers", STREAMS_PER_WORKER * n, duration))
+            runs.append(loaded(bench, child, n, f"S7 cpu {n} workers", STREAMS_PER_WORKER * n, duration))
     n = max(n for n in CORE_COUNTS if n <= most)
     with (
         tempfile.TemporaryDirectory(prefix="nextword-store-") as folder,
         running(server(bundle, n, "--device", "cpu", "--session-store", f"sqlite://{folder}/s.db")) as child,
     ):
         label = f"S7 cpu {n} workers, embedded store"
-        runs.append(loaded(bench, child, label, STREAMS_PER_WORKER * n, duration))
+        runs.append(loaded(bench, child, n, label, STREAMS_PER_WORKER * n, duration))
     return runs
 
 
@@ -230,7 +225,9 @@ def serving(bench: Bench, bundles: dict[str, Path], device: str, workers: int, d
         try:
             with running(server(bundles[name], workers, "--device", dev, *flags)) as child:
                 for n in streams:
-                    runs.append(loaded(bench, child, f"G3 {dev} {name} {workers} workers", n, duration))
+                    runs.append(
+                        loaded(bench, child, workers, f"G3 {dev} {name} {workers} workers", n, duration)
+                    )
         except RuntimeError as exc:  # a server that did not start: the others still run
             log(f"G3 {dev} {name} failed: {exc}")
     return runs
@@ -323,13 +320,7 @@ def render(found: dict[str, Any], command: str) -> str:
             "**G3: `nextword serve` on the GPU against the CPU** (closed loop, one word per request, k=3; "
             "server pinned to its workers' cores, the load generator on the rest)",
             "",
-            "| run | streams | words/s | p50 ms | p99 ms | mean batch | errors |",
-            "|---|---|---|---|---|---|---|",
-            *(
-                f"| {r['label'][3:]} | {r['streams']:,} | {r['words_per_s']:,.0f} | {r['p50_ms']:.3f} | "
-                f"{r['p99_ms']:.3f} | {r['mean_batch']:.1f} | {r['error'] or 0} |"
-                for r in g3
-            ),
+            *run_table([{**r, "label": r["label"][3:]} for r in g3]),
             "",
         ]
     return "\n".join(lines)
@@ -386,18 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             if "g3" not in skip:
                 serving(bench, bundles, args.device, min(args.workers, most), plan.short_s)
         finally:
-            found["runs"] = [
-                {
-                    "label": r.label,
-                    "streams": r.streams,
-                    "words_per_s": r.get("words_per_s"),
-                    "p50_ms": r.get("p50_ms"),
-                    "p99_ms": r.get("p99_ms"),
-                    "mean_batch": r.mean_batch,
-                    "error": r.error,
-                }
-                for r in bench.runs
-            ]
+            found["runs"] = [r.summary() for r in bench.runs]
             if args.json:
                 args.json.write_text(json.dumps(found, indent=1))
     body = render(found, command)

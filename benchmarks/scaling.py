@@ -59,7 +59,7 @@ from benchmarks.serving.goals import INFORMATION, Row, _ge, _le, raw_call_s
 from benchmarks.serving.goals import _div as _ratio
 from benchmarks.serving.plan import Plan
 from benchmarks.serving.report import machine
-from benchmarks.serving.runs import Bench, Run
+from benchmarks.serving.runs import Bench, Run, run_table
 from benchmarks.serving.servers import Child, floor_server, nextword_server, running
 from benchmarks.serving.worker import run_worker
 
@@ -307,13 +307,7 @@ def render(rows: list[Row], runs: list[Run], command: str) -> str:
         "|---|---|---|---|---|",
         *(f"| {r.id} | {r.measure} | {r.measured} | {r.goal} | {r.verdict} |" for r in rows),
         "",
-        "| server | run | streams | words/s | p50 ms | p99 ms | mean batch | errors |",
-        "|---|---|---|---|---|---|---|---|",
-        *(
-            f"| {r.target} | {r.label} | {r.streams} | {r.get('words_per_s'):.0f} | {r.get('p50_ms'):.3f} "
-            f"| {r.get('p99_ms'):.3f} | {r.mean_batch:.1f} | {r.error or 0} |"
-            for r in runs
-        ),
+        *run_table([r.summary() for r in runs]),
         "",
     ]
     return "\n".join(lines)

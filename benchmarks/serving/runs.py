@@ -33,6 +33,32 @@ class Run:
         value = self.result.get(key)
         return float(value) if isinstance(value, (int, float)) else math.nan
 
+    def summary(self) -> dict[str, Any]:
+        """What a run table shows of it (and what a benchmark keeps of it as JSON)."""
+        return {
+            "target": self.target,
+            "label": self.label,
+            "streams": self.streams,
+            "words_per_s": self.get("words_per_s"),
+            "p50_ms": self.get("p50_ms"),
+            "p99_ms": self.get("p99_ms"),
+            "mean_batch": self.mean_batch,
+            "error": self.error,
+        }
+
+
+def run_table(runs: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows, header first, of runs' ``Run.summary()``."""
+    return [
+        "| server | run | streams | words/s | p50 ms | p99 ms | mean batch | errors |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['target']} | {r['label']} | {r['streams']:,} | {r['words_per_s']:,.0f} "
+            f"| {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['mean_batch']:.1f} | {r['error'] or 0} |"
+            for r in runs
+        ),
+    ]
+
 
 class Bench:
     """Runs everything the goals compare, in one fixed order, and keeps each load run."""
