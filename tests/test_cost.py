@@ -7,9 +7,11 @@ Real servers on loopback ports and real gRPC; the batcher tests drive a real Bat
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,7 +33,7 @@ from nextword.server.admission import (
     measure,
 )
 from nextword.server.app import RunningServer, start_server
-from nextword.server.batcher import DISCARD, Batcher
+from nextword.server.batcher import DISCARD, Batcher, ModelThread
 from nextword.server.config import ANY_FREE_PORT, ServerConfig
 from nextword.server.metrics import Metrics
 from nextword.server.state import INITIAL, StatePool
@@ -361,6 +363,27 @@ async def test_prefill_calls_are_bounded_and_private_slots_freed(lm: OnnxLM) -> 
     calls = registry.get_sample_value("nextword_batch_size_count")
     assert registry.get_sample_value("nextword_batch_size_bucket", {"le": "2.0"}) == calls  # 8 tokens a call
     assert registry.get_sample_value("nextword_words_total") == sum(len(p) for p in pastes)
+
+
+async def test_the_model_thread_runs_calls_in_order_off_the_loop_and_returns_their_errors() -> None:
+    model = ModelThread(name="test-model")
+    loop_thread = threading.get_ident()
+    ran: list[tuple[int, int]] = []
+
+    def call(i: int) -> int:
+        ran.append((i, threading.get_ident()))
+        if i == 3:
+            raise ValueError("the graph failed")
+        return i * i
+
+    futures = [model.run(functools.partial(call, i)) for i in range(6)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert [r if not isinstance(r, ValueError) else "error" for r in results] == [0, 1, 4, "error", 16, 25]
+    assert [i for i, _ in ran] == list(range(6))
+    assert {t for _, t in ran} != {loop_thread} and len({t for _, t in ran}) == 1
+    late = model.run(functools.partial(call, 7))
+    model.close()  # the calls made before close still run
+    assert await late == 49
 
 
 async def test_a_session_types_while_a_paste_runs(tiny_bundle: Path) -> None:
