@@ -12,11 +12,13 @@ same load generator drives them and nextword alike:
   from the zero state in one onnxruntime call (no batching, no kept state), on
   the event loop. Its replies equal nextword's; its cost grows with the context.
 
-    python benchmarks/floors.py echo --port 0
+    python benchmarks/floors.py echo --port 0 [--processes N]
     python benchmarks/floors.py naive --model models/demo --port 0 --threads 1
 
 Each prints ``floor listening on 127.0.0.1:PORT`` to stderr once it serves, and
-stops on SIGTERM/SIGINT.
+stops on SIGTERM/SIGINT. ``--processes N`` runs the echo server as N processes
+sharing the port (SO_REUSEPORT), the way ``nextword serve --workers N`` does: so
+each of their event loops gets the same share of a load as a worker's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import bisect
 import secrets
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -153,10 +156,13 @@ class NaiveServicer(pb_grpc.NextWordServicer):
         return pb.PredictReply(prediction=self.predict(request.text, request.k or DEFAULT_K))
 
 
-async def start(servicer: pb_grpc.NextWordServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start(
+    servicer: pb_grpc.NextWordServicer, host: str, port: int, *, reuse_port: bool = False
+) -> tuple[grpc.aio.Server, int]:
     """Serve ``servicer`` on ``host:port`` (0: a free port); returns the server and its port."""
-    # No SO_REUSEPORT, as nextword: a second benchmark server must not share a port with the first.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    # No SO_REUSEPORT unless asked, as nextword: a second benchmark server must not share a port with
+    # the first; the processes of one echo server do (their first one picks the port).
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
     pb_grpc.add_NextWordServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -172,15 +178,33 @@ async def _serve(args: argparse.Namespace) -> int:
             print("floors.py naive: --model BUNDLE is required", file=sys.stderr)
             return 2
         servicer = NaiveServicer(args.model, threads=args.threads)
-    server, port = await start(servicer, args.host, args.port)
+    reuse = args.processes > 1 or args.reuse_port
+    server, port = await start(servicer, args.host, args.port, reuse_port=reuse)
+    others = [] if args.reuse_port else [_another(args, port) for _ in range(args.processes - 1)]
     print(f"{LISTENING} {args.host}:{port}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    for other in others:
+        other.terminate()
     await server.stop(0)
+    for other in others:
+        other.wait()
     return 0
+
+
+def _another(args: argparse.Namespace, port: int) -> subprocess.Popen[str]:
+    """One more process of the echo server on ``port``, once it serves."""
+    cmd = [sys.executable, "-m", "benchmarks.floors", args.kind, "--host", args.host, "--port", str(port)]
+    other = subprocess.Popen([*cmd, "--reuse-port"], stderr=subprocess.PIPE, text=True)
+    assert other.stderr is not None
+    line = other.stderr.readline()
+    if LISTENING not in line:
+        other.kill()
+        raise SystemExit(f"another echo process did not start: {line}")
+    return other
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (printed)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (naive)")
-    return asyncio.run(_serve(parser.parse_args(argv)))
+    parser.add_argument(
+        "--processes", type=int, default=1, help="echo: processes sharing the port (SO_REUSEPORT)"
+    )
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # one of the N
+    args = parser.parse_args(argv)
+    if args.processes < 1 or (args.processes > 1 and args.kind != "echo"):
+        parser.error("--processes: a number of at least 1, for the echo server only")
+    return asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":

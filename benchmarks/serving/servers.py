@@ -93,9 +93,10 @@ def nextword_server(bundle: Path, threads: int, extra: Sequence[str]) -> Child:
     return Child("nextword serve", cmd, SERVING)
 
 
-def floor_server(kind: str, bundle: Path, threads: int) -> Child:
-    """``benchmarks/floors.py KIND``: the echo server, or the naive one on ``bundle``."""
-    cmd = [sys.executable, "-m", "benchmarks.floors", kind, "--port", "0"]
+def floor_server(kind: str, bundle: Path, threads: int, *, processes: int = 1) -> Child:
+    """``benchmarks/floors.py KIND``: the echo server (in ``processes`` processes), or the naive one
+    on ``bundle``."""
+    cmd = [sys.executable, "-m", "benchmarks.floors", kind, "--port", "0", "--processes", str(processes)]
     if kind == "naive":
         cmd += ["--model", str(bundle.resolve()), "--threads", str(threads)]
     return Child(f"{kind} server", cmd, FLOOR)
