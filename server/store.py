@@ -159,6 +159,9 @@ class SessionStore(ABC):
         """Release what ``write_async`` holds (on the event loop, before ``close``)."""
 
 
+SQLITE_OPEN_WAIT_S = 10.0  # how long opening waits for other processes setting up the same file
+
+
 class SqliteStore(SessionStore):
     """One SQLite file (WAL) that the workers of one machine share."""
 
@@ -168,17 +171,33 @@ class SqliteStore(SessionStore):
         self._lock = threading.Lock()  # one connection, used from the model and store threads
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-            # WAL: readers and the writer do not block each other. synchronous=OFF: a commit is in
-            # the OS's cache when it returns, which every process sees and which outlives any of
-            # them (not a power cut). That is the durability a worker's SIGKILL needs, per step.
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
-                "seq INTEGER NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL) WITHOUT ROWID"
-            )
+            self._prepare(deadline=time.monotonic() + SQLITE_OPEN_WAIT_S)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the session store {path}: {exc}") from exc
+
+    def _prepare(self, deadline: float) -> None:
+        """WAL mode and the table, waiting out the other processes doing the same.
+
+        Several workers open a new file at once. Turning it to WAL takes a lock that SQLite does
+        not wait for (its busy timeout does not cover that switch): the loser got "database is
+        locked" and its worker failed to start, now and then. So a busy setup is tried again.
+        """
+        while True:
+            try:
+                # WAL: readers and the writer do not block each other. synchronous=OFF: a commit is
+                # in the OS's cache when it returns, which every process sees and which outlives any
+                # of them (not a power cut). That is the durability a worker's SIGKILL needs, per step.
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=OFF")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+                    "seq INTEGER NOT NULL, expires REAL NOT NULL, record BLOB NOT NULL) WITHOUT ROWID"
+                )
+                return
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def write(self, records: Sequence[Record], ttl: float) -> list[int]:
         now = time.time()
