@@ -47,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -424,8 +424,9 @@ class Batcher:
         step's to its servicer, which flushes them once it has replied: ``Persister.submit``)."""
         if self._persister is None:
             return
-        records = [
-            replace(r.record, state=self._pool.row_bytes(state, b)) for b, r in enumerate(group) if r.record
-        ]
-        if records:
-            self._persister.submit(records, wake=not inline)
+        kept = [(b, r.record) for b, r in enumerate(group) if r.record is not None]
+        if not kept:
+            return
+        states = self._pool.rows_bytes(state, [b for b, _ in kept])  # one copy for the whole call
+        records = [record.with_state(s) for (_, record), s in zip(kept, states, strict=True)]
+        self._persister.submit(records, wake=not inline)

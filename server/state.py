@@ -79,6 +79,20 @@ class StatePool:
             for value, axis in zip(state, self._axes, strict=True)
         )
 
+    def rows_bytes(self, state: Sequence[np.ndarray], rows: Sequence[int]) -> list[bytes]:
+        """``row_bytes`` of each of ``rows``: one copy per tensor for the whole batch, then a slice each."""
+        n = len(rows)
+        if n == 0:
+            return []
+        # The batch axis first (moveaxis keeps the other axes in their order, as np.take does),
+        # the rows picked, every tensor's row side by side as raw bytes.
+        parts = [
+            np.moveaxis(value, axis, 0)[rows].reshape(n, -1).view(np.uint8)
+            for value, axis in zip(state, self._axes, strict=True)
+        ]
+        table = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        return [row.tobytes() for row in table]
+
     def load(self, slot: int, data: bytes) -> None:
         """Write a state stored by ``row_bytes`` into ``slot``; ValueError if its size is not this model's."""
         if len(data) != self.slot_bytes:

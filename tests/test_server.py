@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from nextword.bundle import load_bundle
+from nextword.bundle import BATCH, StateTensor, load_bundle
 from nextword.runtime import OnnxLM
 from nextword.server.app import RunningServer, start_server
 from nextword.server.batcher import Batcher
@@ -430,6 +430,25 @@ async def test_state_pool_grows_and_reuses_slots(tiny_bundle: Path) -> None:
     assert pool.alloc() == slots[0]
     # An idle session costs its state's bytes and nothing more in the pool.
     assert pool.slot_bytes == sum(int(np.prod(s.shape)) * 4 for s in lm.zero_state(1))
+
+
+def test_rows_of_a_batch_as_bytes_equal_each_row_on_its_own_whatever_the_batch_axis() -> None:
+    spec = [
+        StateTensor("h", "h_in", "h_out", [2, BATCH, 3]),
+        StateTensor("x", "x_in", "x_out", [4, 2, BATCH]),  # the batch axis last: order matters here
+        StateTensor("y", "y_in", "y_out", [BATCH, 5]),
+    ]
+    initial = [np.zeros(s.concrete_shape(1), dtype=np.float32) for s in spec]
+    pool = StatePool(spec, initial, capacity=4)
+    rng = np.random.default_rng(0)
+    batch = [rng.standard_normal(s.concrete_shape(6)).astype(np.float32) for s in spec]
+    rows = [5, 0, 3]
+    got = pool.rows_bytes(batch, rows)
+    assert got == [pool.row_bytes(batch, r) for r in rows] and pool.rows_bytes(batch, []) == []
+    slot = pool.alloc()
+    pool.load(slot, got[0])  # what the store keeps loads back into the row it came from
+    for value, want, tensor in zip(pool.read(slot), batch, spec, strict=True):
+        np.testing.assert_array_equal(value, np.take(want, [5], axis=tensor.batch_axis))
 
 
 async def test_state_paired_by_name_not_position(tiny_bundle: Path, tmp_path: Path) -> None:

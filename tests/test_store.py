@@ -3,6 +3,8 @@ skipped, records expire. The same checks against a real SQLite file and a real R
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import struct
 import threading
 import time
@@ -102,6 +104,21 @@ def test_a_claim_fences_writes_of_the_old_epoch_and_old_seqs_are_skipped(store: 
     assert store.write([_record(2, epoch=1)], ttl=60) == [STALE]  # older than what is stored
     claimed = store.claim("s1", ttl=60)
     assert claimed is not None and claimed.seq == 3
+
+
+def test_a_file_made_with_the_earlier_table_is_still_served(tmp_path: Path) -> None:
+    path = tmp_path / "earlier.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the table as releases before made it
+        db.execute(
+            "CREATE TABLE sessions (id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, seq INTEGER NOT NULL, "
+            "expires REAL NOT NULL, record BLOB NOT NULL) WITHOUT ROWID"
+        )
+        db.commit()
+    store = SqliteStore(path)
+    try:
+        test_a_claim_fences_writes_of_the_old_epoch_and_old_seqs_are_skipped(store)
+    finally:
+        store.close()
 
 
 def test_records_of_a_batch_are_judged_one_by_one(store: SessionStore) -> None:
