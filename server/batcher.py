@@ -92,18 +92,20 @@ class ModelThread:
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
 
     def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """``fn()`` on the thread, calls in the order they were made; a future on the running loop."""
+        if self._thread.ident is None:  # started by the first call: a lone stream never makes one
+            self._thread.start()
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._calls.put((fn, future))
         return future
 
     def close(self) -> None:
         """Finish the calls made so far, then end the thread."""
-        self._calls.put(None)
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._calls.put(None)
+            self._thread.join()
 
     def _serve(self) -> None:
         while (call := self._calls.get()) is not None:
