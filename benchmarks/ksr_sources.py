@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.presage_ksr import CORPORA, ensure_presage, run_corpus
+from benchmarks.presage_ksr import CORPORA, TRAIN_FILE, ensure_presage, run_corpus
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
@@ -59,13 +59,15 @@ def render(
 ) -> str:
     mach = machine()
     head = " | ".join(f"nextword {p}{' + no repeat' if r else ''}" for p, r in STRIPS)
+    train = TRAIN_FILE.get(args.presage_corpus, "train.txt")
     lines = [
-        f"`python -m benchmarks.ksr_sources --bundle {args.bundle}` at {mach['revision']}, "
+        f"`python -m benchmarks.ksr_sources --bundle {args.bundle} --presage-corpus {args.presage_corpus}` "
+        f"at {mach['revision']}, "
         f"{time.strftime('%Y-%m-%d')}: the first {args.chars:,} characters of each text, a {SLOTS}-word "
         "strip, counted as `nextword eval --ksr` counts (see `## Keystroke savings`). Every nextword "
         "column offers a word the model cannot name once the text has used it (sessions do); the "
         "columns are the strips a request can choose (`Strip` in the API, `--strip`/`--no-repeat` "
-        f"of `nextword eval`). Presage: its 3-gram from {args.presage_corpus}'s train split (the "
+        f"of `nextword eval`). Presage: its 3-gram from {args.presage_corpus}/{train} (the "
         "text the demo was trained on), online learning off, hiding (no) or re-offering (yes) what "
         "it showed within a word, and learning as it types (its default; repeats no). Ratios: "
         "nextword's keystrokes strip with no repeats against Presage with none (both hide what "
