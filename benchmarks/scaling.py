@@ -14,6 +14,8 @@ Every ratio compares numbers measured in this run, on this machine:
 * S3  ``--workers N``: mean batch at 64 streams against half the streams a
       worker holds (64 / N: one onnxruntime call holds only its own worker's streams;
       the ratio to all 64 is shown too);
+* S2b for information, the CPU a word costs each kind of thread of the servers at 256
+      streams: event loop, onnxruntime, session store, gRPC core's own (/proc);
 * S4  event-loop CPU per reply: the CPU time of the servers' main threads (where
       the event loop runs; /proc/PID/task/TID/stat) divided by the replies,
       nextword's N workers against the echo server run as N processes sharing its
@@ -53,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +69,8 @@ from benchmarks.serving.report import machine
 from benchmarks.serving.runs import Bench, Run, run_table
 from benchmarks.serving.servers import Child, floor_server, nextword_server, running
 from benchmarks.serving.worker import run_worker
+from nextword.server.batcher import MODEL_THREAD
+from nextword.server.store import WRITER_THREAD
 
 SECTION = "## Scaling"
 REPEATS = 5  # one-stream runs per store setting; the median p50 of each setting is compared
@@ -73,14 +78,33 @@ EVEN_RATE = 12.0  # words/s per stream of the open-loop runs: 256 streams offer 
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def main_thread_cpu_s(pids: list[int]) -> float:
-    """CPU seconds (user + system) of the main threads of ``pids``, where their event loops run."""
-    total = 0
+ROLES = {MODEL_THREAD: "onnxruntime", WRITER_THREAD: "session store"}  # threads named by the server
+
+
+def threads_cpu_s(pids: list[int]) -> defaultdict[str, float]:
+    """CPU seconds (user + system) of the threads of ``pids`` by role: ``event loop`` (the main
+    thread), ``onnxruntime`` and ``session store`` (named so by the server), ``gRPC`` (gRPC
+    core's own threads) and ``other``."""
+    by_role: defaultdict[str, float] = defaultdict(float)
     for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
-    return total / TICK
+        for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (task / "stat").read_text()
+                comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+                fields = stat.rsplit(")", 1)[1].split()
+                if task.name == str(pid):
+                    role = "event loop"
+                elif comm in ROLES:
+                    role = ROLES[comm]
+                else:
+                    role = "gRPC" if comm.startswith(("event_engine", "grpc")) else "other"
+                by_role[role] += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return by_role
+
+
+def _per_thread(seconds: dict[str, float]) -> str:
+    order = ("event loop", "onnxruntime", "session store", "gRPC", "other")
+    return ", ".join(f"{role} {seconds[role] * 1e3:.3f} ms" for role in order if seconds.get(role, 0) > 0)
 
 
 def children(pid: int) -> list[int]:
@@ -133,6 +157,7 @@ class Scaling:
             self.plan,
         )
         self.cpu: dict[str, float] = {}  # main-thread CPU seconds per reply, by server
+        self.by_thread: dict[str, dict[str, float]] = {}  # CPU seconds per reply by thread role, by run
 
     def nextword(self, *extra: str) -> Child:
         return nextword_server(self.args.bundle, 1, list(extra))
@@ -148,7 +173,7 @@ class Scaling:
         """A multi-stream run (open loop at ``rate`` words/s per stream if given), with the CPU its
         main threads spent per reply."""
         metrics = int(server.match.group(2)) if target == "nextword" else 0
-        before = main_thread_cpu_s(pids)
+        before = threads_cpu_s(pids)
         run = self.bench.load(
             target,
             server.address,
@@ -160,7 +185,9 @@ class Scaling:
             rate=rate,
         )
         replies = run.get("words")
-        self.cpu[label] = _ratio(main_thread_cpu_s(pids) - before, replies)
+        spent = threads_cpu_s(pids)
+        self.by_thread[label] = {role: _ratio(t - before[role], replies) for role, t in spent.items()}
+        self.cpu[label] = self.by_thread[label].get("event loop", math.nan)
         return run
 
     def raw(self, seconds: float) -> dict[str, Any]:
@@ -250,6 +277,14 @@ class Scaling:
                 f"(E {e:.0f} echo msg/s, R {r:.0f} ORT words/s at mean batch {m:.1f})",
                 "≥ 0.8× floor",
                 _ge(d["s2_ratio"], 0.8),
+            ),
+            Row(
+                "S2b",
+                f"CPU per word by thread, 256 streams, {n} workers",
+                _per_thread(self.by_thread[f"{n} workers 256"])
+                + f"; echo: {_per_thread(self.by_thread['echo 256'])}",
+                INFORMATION,
+                None,
             ),
             Row(
                 "S3",

@@ -58,8 +58,10 @@ from nextword.runtime import OnnxLM, Ranked
 from .metrics import Metrics
 from .state import StatePool
 from .store import Persister, Record
+from .threads import name_this_thread
 
 T = TypeVar("T")
+MODEL_THREAD = "nextword-onnx"  # the model thread's name in the OS (top -H, /proc/PID/task/TID/comm)
 HEAD = -1  # group key of head calls; step calls are keyed by their sequence length
 DISCARD = -1  # destination slot of a step whose new state nobody keeps
 
@@ -87,7 +89,7 @@ class ModelThread:
     measured on a server with nothing else to do, which is the loop's time every reply waits on.
     """
 
-    def __init__(self, name: str = "onnx") -> None:
+    def __init__(self, name: str = "onnx") -> None:  # Python's name; the OS's is MODEL_THREAD
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -108,6 +110,7 @@ class ModelThread:
             self._thread.join()
 
     def _serve(self) -> None:
+        name_this_thread(MODEL_THREAD)
         while (call := self._calls.get()) is not None:
             fn, future = call
             try:

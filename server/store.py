@@ -54,11 +54,13 @@ from urllib.parse import urlparse
 from nextword.ranking import KEYSTROKES, PROBABILITY, StripState
 
 from .metrics import Metrics
+from .threads import name_this_thread
 
 T = TypeVar("T")
 
 log = logging.getLogger("nextword.server")
 
+WRITER_THREAD = "nextword-store"  # the writer thread's name in the OS (top -H)
 WRITTEN, TAKEN, STALE = 1, 0, 2  # what a write did to each record
 _FORMAT = 2  # first byte of an encoded record: what a future layout is told apart by
 # Format 1: format, k, seq, context tokens, then the length of each string: principal, pending,
@@ -538,6 +540,7 @@ class Persister:
         self.store.close()
 
     def _write_loop(self) -> None:
+        name_this_thread(WRITER_THREAD)
         while True:
             if not self._closing:
                 self._wake.wait()

@@ -33,7 +33,7 @@ from nextword.server.admission import (
     measure,
 )
 from nextword.server.app import RunningServer, start_server
-from nextword.server.batcher import DISCARD, Batcher, ModelThread
+from nextword.server.batcher import DISCARD, MODEL_THREAD, Batcher, ModelThread
 from nextword.server.config import ANY_FREE_PORT, ServerConfig
 from nextword.server.metrics import Metrics
 from nextword.server.state import INITIAL, StatePool
@@ -370,8 +370,11 @@ async def test_the_model_thread_runs_calls_in_order_off_the_loop_and_returns_the
     loop_thread = threading.get_ident()
     ran: list[tuple[int, int]] = []
 
+    native: list[int] = []
+
     def call(i: int) -> int:
         ran.append((i, threading.get_ident()))
+        native.append(threading.get_native_id())
         if i == 3:
             raise ValueError("the graph failed")
         return i * i
@@ -381,6 +384,9 @@ async def test_the_model_thread_runs_calls_in_order_off_the_loop_and_returns_the
     assert [r if not isinstance(r, ValueError) else "error" for r in results] == [0, 1, 4, "error", 16, 25]
     assert [i for i, _ in ran] == list(range(6))
     assert {t for _, t in ran} != {loop_thread} and len({t for _, t in ran}) == 1
+    comm = Path(f"/proc/self/task/{native[0]}/comm")
+    if comm.exists():  # Linux: top -H and ps -L show what the thread does
+        assert comm.read_text().strip() == MODEL_THREAD
     late = model.run(functools.partial(call, 7))
     model.close()  # the calls made before close still run
     assert await late == 49
