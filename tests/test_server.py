@@ -432,7 +432,7 @@ async def test_state_pool_grows_and_reuses_slots(tiny_bundle: Path) -> None:
     assert pool.slot_bytes == sum(int(np.prod(s.shape)) * 4 for s in lm.zero_state(1))
 
 
-def test_rows_of_a_batch_as_bytes_equal_each_row_on_its_own_whatever_the_batch_axis() -> None:
+async def test_rows_of_a_batch_as_bytes_equal_each_row_on_its_own_whatever_the_batch_axis() -> None:
     spec = [
         StateTensor("h", "h_in", "h_out", [2, BATCH, 3]),
         StateTensor("x", "x_in", "x_out", [4, 2, BATCH]),  # the batch axis last: order matters here
