@@ -3,8 +3,8 @@
     python -m benchmarks.cache_ksr [--bundle models/demo] [--weights 0,0.02,0.05,0.1] [--window 1000]
                                    TEXT [TEXT ...]
 
-For each text, typed as ``nextword eval --ksr`` types it (probability strip, 3 slots,
-repeats allowed, words outside the vocabulary offered once typed), the next-word
+For each text, typed as ``nextword eval --ksr`` types it (``nextword.ksr``: probability
+strip, 3 slots, repeats allowed, words outside the vocabulary offered once typed), the next-word
 distribution at each word's start becomes
 
     p(w) = (1 - λ) p_model(w) + λ c(w) / N
@@ -27,28 +27,24 @@ import numpy as np
 
 from benchmarks.serving import ROOT
 from nextword.bundle import load_bundle
-from nextword.ksr import typed_words
-from nextword.ranking import Ranker, Scores, UserWords
+from nextword.ksr import typed_before_offered, word_starts
+from nextword.ranking import Ranker, UserWords
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import is_word
 
 SLOTS = 3
 
 
-def starts(lm: OnnxLM, text: str, window: int) -> list[tuple[np.ndarray, str, Counter[str], UserWords]]:
+def starts(
+    lm: OnnxLM, ranker: Ranker, text: str, window: int
+) -> list[tuple[np.ndarray, str, Counter[str], UserWords]]:
     """Each word of ``text``: the log-probs at its start, the word, the cache and the unknown words then."""
-    vocab, ranker = lm.bundle.vocab, Ranker(lm.bundle.vocab)
-    log_probs, state = lm.start()
+    vocab = lm.bundle.vocab
     recent: deque[str] = deque(maxlen=window)
-    unknown = UserWords()
     out = []
-    for before, word in typed_words(text):
-        if before:
-            ids = vocab.encode(before)
-            log_probs, state = lm.step(np.array([ids], dtype=np.int64), state)
-            unknown.add(ranker.unknown(before, ids))
-            recent.extend(t for t, i in zip(before, ids, strict=True) if i != vocab.unk_id and is_word(t))
-        out.append((log_probs[0], word, Counter(recent), UserWords(unknown.words())))
+    for log_probs, before, word, unknown in word_starts(lm, text, ranker):
+        recent.extend(t for t in before if is_word(t) and vocab.id(t) != vocab.unk_id)
+        out.append((log_probs, word, Counter(recent), UserWords(unknown.words())))
     return out
 
 
@@ -63,20 +59,12 @@ def with_cache(log_probs: np.ndarray, cache: Counter[str], weight: float, lm: On
     return mixed
 
 
-def savings(lm: OnnxLM, words: list[tuple[np.ndarray, str, Counter[str], UserWords]], weight: float) -> float:
-    ranker = Ranker(lm.bundle.vocab, lexicon=lm.bundle.lexicon)
-    offerable = {w for w in lm.bundle.vocab.words if is_word(w)}
-    lexicon = lm.bundle.lexicon
+def savings(
+    lm: OnnxLM, ranker: Ranker, words: list[tuple[np.ndarray, str, Counter[str], UserWords]], weight: float
+) -> float:
     keys = without = 0
     for log_probs, word, cache, unknown in words:
-        scores = Scores(None, None, with_cache(log_probs, cache, weight, lm))
-        typed = None
-        if word in offerable or word in unknown or (lexicon is not None and word in lexicon):
-            for n in range(len(word)):
-                prediction = ranker.predict(scores, word[:n], SLOTS, 0, unknown)
-                if word in [s.word for s in (prediction.completions if n else prediction.suggestions)]:
-                    typed = n
-                    break
+        typed = typed_before_offered(ranker, with_cache(log_probs, cache, weight, lm), word, SLOTS, unknown)
         keys += len(word) + 1 if typed is None else typed + 1
         without += len(word) + 1
     return 1 - keys / without
@@ -94,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 <= w < 1 for w in weights):
         p.error("--weights: each in [0, 1)")
     lm = OnnxLM(load_bundle(args.bundle), device="cpu")
+    ranker = Ranker(lm.bundle.vocab, lexicon=lm.bundle.lexicon)
     print(f"| text | {' | '.join(f'λ = {w:g}' for w in weights)} |")
     print(f"|---|{'---|' * len(weights)}")
     for path in args.texts:
-        words = starts(lm, path.read_text(encoding="utf-8")[: args.chars], args.window)
-        cells = " | ".join(f"{100 * savings(lm, words, w):.2f}%" for w in weights)
+        words = starts(lm, ranker, path.read_text(encoding="utf-8")[: args.chars], args.window)
+        cells = " | ".join(f"{100 * savings(lm, ranker, words, w):.2f}%" for w in weights)
         print(f"| {path.name} | {cells} |", flush=True)
     return 0
 

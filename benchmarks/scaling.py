@@ -79,6 +79,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 ROLES = {MODEL_THREAD: "onnxruntime", WRITER_THREAD: "session store"}  # threads named by the server
+ROLE_ORDER = ("event loop", "onnxruntime", "session store", "gRPC", "other")  # every role threads_cpu_s gives
 
 
 def threads_cpu_s(pids: list[int]) -> defaultdict[str, float]:
@@ -103,8 +104,7 @@ def threads_cpu_s(pids: list[int]) -> defaultdict[str, float]:
 
 
 def _per_thread(seconds: dict[str, float]) -> str:
-    order = ("event loop", "onnxruntime", "session store", "gRPC", "other")
-    return ", ".join(f"{role} {seconds[role] * 1e3:.3f} ms" for role in order if seconds.get(role, 0) > 0)
+    return ", ".join(f"{r} {seconds[r] * 1e3:.3f} ms" for r in ROLE_ORDER if seconds.get(r, 0) > 0)
 
 
 def children(pid: int) -> list[int]:
@@ -156,7 +156,6 @@ class Scaling:
             ),
             self.plan,
         )
-        self.cpu: dict[str, float] = {}  # main-thread CPU seconds per reply, by server
         self.by_thread: dict[str, dict[str, float]] = {}  # CPU seconds per reply by thread role, by run
 
     def nextword(self, *extra: str) -> Child:
@@ -187,8 +186,11 @@ class Scaling:
         replies = run.get("words")
         spent = threads_cpu_s(pids)
         self.by_thread[label] = {role: _ratio(t - before[role], replies) for role, t in spent.items()}
-        self.cpu[label] = self.by_thread[label].get("event loop", math.nan)
         return run
+
+    def loop_cpu(self, label: str) -> float:
+        """Event-loop CPU seconds per reply of the run ``label``."""
+        return self.by_thread[label].get("event loop", math.nan)
 
     def raw(self, seconds: float) -> dict[str, Any]:
         timing = ("--seconds", str(seconds), "--calls", str(self.plan.raw_latency_calls))
@@ -256,8 +258,8 @@ class Scaling:
             "s1_ratio": _ratio(mid["none"], mid["step"] + mid["echo"]),
             "s2_ratio": _ratio(many.get("words_per_s"), combined),
             "s3_ratio": _ratio(sixty_four.mean_batch, 64 / n),
-            "s4_ratio": _ratio(self.cpu[f"{n} workers open loop"], self.cpu["echo open loop"]),
-            "s4b_ratio": _ratio(self.cpu[f"{n} workers 256"], self.cpu["echo 256"]),
+            "s4_ratio": _ratio(self.loop_cpu(f"{n} workers open loop"), self.loop_cpu("echo open loop")),
+            "s4b_ratio": _ratio(self.loop_cpu(f"{n} workers 256"), self.loop_cpu("echo 256")),
         }
         rows = [
             Row(
@@ -298,15 +300,16 @@ class Scaling:
                 "S4",
                 f"event-loop CPU per reply, 256 open-loop streams × {EVEN_RATE:g} words/s to both, "
                 f"{n} workers vs echo in {n} processes",
-                f"{self.cpu[f'{n} workers open loop'] * 1e3:.3f} ms vs echo "
-                f"{self.cpu['echo open loop'] * 1e3:.3f} ms = **{d['s4_ratio']:.2f}×**",
+                f"{self.loop_cpu(f'{n} workers open loop') * 1e3:.3f} ms vs echo "
+                f"{self.loop_cpu('echo open loop') * 1e3:.3f} ms = **{d['s4_ratio']:.2f}×**",
                 "≤ 2× echo",
                 _le(d["s4_ratio"], 2),
             ),
             Row(
                 "S4b",
                 f"event-loop CPU per reply, 256 closed-loop streams, {n} workers vs echo in 1 process",
-                f"{self.cpu[f'{n} workers 256'] * 1e3:.3f} ms vs echo {self.cpu['echo 256'] * 1e3:.3f} ms = "
+                f"{self.loop_cpu(f'{n} workers 256') * 1e3:.3f} ms vs echo "
+                f"{self.loop_cpu('echo 256') * 1e3:.3f} ms = "
                 f"**{d['s4b_ratio']:.2f}×** (echo answers {echo256.get('words_per_s'):.0f} msg/s, "
                 f"nextword {many.get('words_per_s'):.0f} words/s)",
                 INFORMATION,

@@ -51,7 +51,7 @@ import numpy as np
 from nextword.progress import progress
 from nextword.ranking import PROBABILITY, Ranker, Scores, UserWords
 from nextword.runtime import OnnxLM
-from nextword.tokenizer import is_word, split_partial
+from nextword.tokenizer import split_partial
 
 
 def typed_words(text: str) -> Iterator[tuple[list[str], str]]:
@@ -101,23 +101,11 @@ def keystroke_savings(
     if slots < 1:
         raise ValueError(f"slots must be at least 1, not {slots}")
     text = text if max_chars is None else text[:max_chars]
-    vocab = lm.bundle.vocab
-    lexicon = lm.bundle.lexicon
-    ranker = Ranker(vocab, lexicon=lexicon)
-    offerable = {w for w in vocab.words if is_word(w)}
-    log_probs, state = lm.start()  # where every session starts
-    user_words = UserWords()  # the words the model cannot name, as the session keeps them
+    ranker = Ranker(lm.bundle.vocab, lexicon=lm.bundle.lexicon)
     keys = without = selections = words = 0
-    for before, word in progress(typed_words(text), desc="simulating typing", unit="word"):
-        if before:
-            ids = vocab.encode(before)
-            log_probs, state = lm.step(np.array([ids], dtype=np.int64), state)
-            user_words.add(ranker.unknown(before, ids))
-        typed = (
-            _typed_before_offered(ranker, log_probs[0], word, slots, user_words, policy, no_repeat)
-            if word in offerable or word in user_words or (lexicon is not None and word in lexicon)
-            else None
-        )
+    starts = word_starts(lm, text, ranker)
+    for log_probs, _, word, user_words in progress(starts, desc="simulating typing", unit="word"):
+        typed = typed_before_offered(ranker, log_probs, word, slots, user_words, policy, no_repeat)
         if typed is None:  # typed in full, then the space
             keys += len(word) + 1
         else:  # typed a prefix, took the suggestion; the space comes with it
@@ -140,20 +128,42 @@ def keystroke_savings(
     }
 
 
-def _typed_before_offered(
+def word_starts(
+    lm: OnnxLM, text: str, ranker: Ranker
+) -> Iterator[tuple[np.ndarray, list[str], str, UserWords]]:
+    """Each word of ``text`` as a session meets it: the next-word log-probs [vocab] where it
+    begins, the tokens completed since the previous word began (``typed_words``), the word, and
+    the words outside the vocabulary typed so far (``UserWords``, as the session keeps them; one
+    object, updated as the text goes on). The model runs as the module docstring says.
+    """
+    vocab = lm.bundle.vocab
+    log_probs, state = lm.start()  # where every session starts
+    user_words = UserWords()
+    for before, word in typed_words(text):
+        if before:
+            ids = vocab.encode(before)
+            log_probs, state = lm.step(np.array([ids], dtype=np.int64), state)
+            user_words.add(ranker.unknown(before, ids))
+        yield log_probs[0], before, word, user_words
+
+
+def typed_before_offered(
     ranker: Ranker,
     log_probs: np.ndarray,
     word: str,
     slots: int,
     user_words: UserWords,
-    policy: str,
-    no_repeat: bool,
+    policy: str = PROBABILITY,
+    no_repeat: bool = False,
 ) -> int | None:
-    """How many characters of ``word`` are typed before the strip offers it (None: never).
+    """How many characters of ``word`` are typed before a ``slots``-word strip offers it (None:
+    never), the strip ranked from ``log_probs`` (the distribution where the word begins).
 
     Offered with the whole word typed saves nothing (taking it or typing the
     space is one key either way), so only shorter prefixes are looked at.
     """
+    if not ranker.can_offer(word, user_words):
+        return None
     scores = Scores(None, None, log_probs)  # the whole distribution, as the server has when completing
     passed: set[str] = set()  # shown in this word and not taken (the user typed on)
     for typed in range(len(word)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Sequence
@@ -139,6 +140,16 @@ class Ranker:
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
         self._lengths = np.array([len(w) for w in vocab.words], dtype=np.float64)  # keys a word costs
+
+    def can_offer(self, word: str, user_words: UserWords | None = None) -> bool:
+        """Whether some strip can show ``word``: a suggestable word of the vocabulary, a word of the
+        lexicon, or one of ``user_words``."""
+        i = bisect.bisect_left(self._sorted_words, word)
+        return (
+            (i < len(self._sorted_words) and self._sorted_words[i] == word)
+            or (user_words is not None and word in user_words)
+            or (self._lexicon is not None and word in self._lexicon)
+        )
 
     def unknown(self, tokens: Sequence[str], ids: Sequence[int]) -> list[str]:
         """The words among ``tokens`` (encoded as ``ids``) the vocabulary lacks (what ``UserWords`` keeps)."""

@@ -72,15 +72,9 @@ class StatePool:
             # then one fancy-indexed assignment. swapaxes: a C method, unlike np.moveaxis's Python.
             array.swapaxes(0, axis)[slots] = value.swapaxes(0, axis)[rows]
 
-    def row_bytes(self, state: Sequence[np.ndarray], row: int) -> bytes:
-        """Row ``row`` of a batch ``state`` as bytes, tensor after tensor (a stored session's state)."""
-        return b"".join(
-            np.ascontiguousarray(np.take(value, row, axis=axis)).tobytes()
-            for value, axis in zip(state, self._axes, strict=True)
-        )
-
     def rows_bytes(self, state: Sequence[np.ndarray], rows: Sequence[int]) -> list[bytes]:
-        """``row_bytes`` of each of ``rows``: one copy per tensor for the whole batch, then a slice each."""
+        """Rows ``rows`` of a batch ``state`` as bytes, each tensor's row after the other (a stored
+        session's state): one copy per tensor for the whole batch, then a slice each."""
         n = len(rows)
         if n == 0:
             return []
@@ -94,7 +88,7 @@ class StatePool:
         return [row.tobytes() for row in table]
 
     def load(self, slot: int, data: bytes) -> None:
-        """Write a state stored by ``row_bytes`` into ``slot``; ValueError if its size is not this model's."""
+        """Write a state stored by ``rows_bytes`` into ``slot``; ValueError if not this model's size."""
         if len(data) != self.slot_bytes:
             raise ValueError(f"stored state is {len(data)} bytes, this model's is {self.slot_bytes}")
         at = 0

@@ -6,11 +6,11 @@ Python's thread names stay inside Python: every thread of a worker shows up as `
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _PR_SET_NAME = 15  # prctl(2)
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+# The process's own symbols, libc's among them: no library search (find_library runs ldconfig).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def name_this_thread(name: str) -> None:
