@@ -298,10 +298,7 @@ async def _watch_health(
 def _load_model(config: ServerConfig) -> tuple[Bundle, OnnxLM]:
     bundle = load_bundle(config.model)
     try:
-        # Several workers share the cores: a pool spinning between calls would take them from the others.
-        lm = OnnxLM(
-            bundle, device=config.device, threads=config.intra_op_threads, spin=config.worker_count == 1
-        )
+        lm = OnnxLM(bundle, device=config.device, threads=config.intra_op_threads, spin=config.onnx_spin)
     except RuntimeError as exc:  # e.g. --device cuda without CUDA
         raise StartupError(str(exc)) from exc
     if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":

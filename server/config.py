@@ -170,6 +170,12 @@ class ServerConfig:
         return self.threads or max(1, usable_cores() // self.worker_count)
 
     @property
+    def onnx_spin(self) -> bool:
+        """Whether onnxruntime's threads spin between calls: only a lone worker's, since several
+        workers share the cores and a spinning pool would take them from the others' event loops."""
+        return self.worker_count == 1
+
+    @property
     def store_spec(self) -> str:
         """``--session-store`` with auto resolved (embedded stays for the supervisor to place)."""
         if self.session_store == "auto":

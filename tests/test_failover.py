@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nextword.clients.client import AsyncNextWordClient, Reconnect
 from nextword.server.config import ServerConfig, usable_cores
+from nextword.server.workers import Supervisor
 from tests.servers import Server, serving
 from tests.services import nginx_grpc, redis_server
 from tests.typists import Typist, assert_same, pieces
@@ -264,3 +265,13 @@ def test_workers_share_the_cores_among_their_onnxruntime_threads() -> None:
     assert ServerConfig(workers="auto").intra_op_threads == 1
     assert ServerConfig(workers=str(2 * cores)).intra_op_threads == 1
     assert ServerConfig(workers="2", threads=3).intra_op_threads == 3
+
+
+def test_each_worker_runs_its_share_of_the_cores_without_spinning() -> None:
+    """What the supervisor hands its workers: the same share as above, not the whole machine each."""
+    cores = usable_cores()
+    alone = Supervisor(ServerConfig(workers="1")).worker_config(port=1, store="none")
+    assert (alone.intra_op_threads, alone.onnx_spin) == (cores, True)
+    worker = Supervisor(ServerConfig(workers="2")).worker_config(port=1, store="none")
+    assert (worker.intra_op_threads, worker.onnx_spin) == (max(1, cores // 2), False)
+    assert (worker.port, worker.reuse_port, worker.session_store) == (1, True, "none")
