@@ -54,6 +54,7 @@ from urllib.parse import urlparse
 from nextword.ranking import KEYSTROKES, PROBABILITY, StripState
 
 from .metrics import Metrics
+from .resp import RedisConnection, ReplyError
 from .threads import name_this_thread
 
 T = TypeVar("T")
@@ -316,7 +317,6 @@ class RedisStore(SessionStore):
     """
 
     kind = "redis"
-    writes_async = True
     PREFIX = "nextword:session:"
 
     def __init__(self, url: str, timeout: float = 1.0) -> None:
@@ -330,10 +330,12 @@ class RedisStore(SessionStore):
         )
         self._write_sha = hashlib.sha1(_WRITE.encode()).hexdigest()
         self._claim = self._client.register_script(_CLAIM)
-        # The event loop's own connection, for a lone stream's writes (Persister.flush_held).
-        self._async = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        # The event loop's own connection, for a lone stream's writes (Persister.flush_held),
+        # opened by the first of them; TLS is left to the writer thread's client (server/resp.py).
+        self._url, self._timeout = url, timeout
+        self.writes_async = urlparse(url).scheme != "rediss"
+        self._loop_conn: RedisConnection | None = None
+        self._opening = asyncio.Lock()
 
     def _command(self, records: Sequence[Record], ttl: float) -> tuple[int, list[str | bytes | int]]:
         """EVALSHA's arguments after the script: the key count; the keys, ttl, then each record's."""
@@ -346,14 +348,25 @@ class RedisStore(SessionStore):
     async def write_async(self, records: Sequence[Record], ttl: float) -> list[int]:
         n, command = self._command(records, ttl)
         try:
+            conn = await self._connection()
             try:
-                written = await self._async.evalsha(self._write_sha, n, *command)
-            except self._no_script:
-                await self._async.script_load(_WRITE)
-                written = await self._async.evalsha(self._write_sha, n, *command)
-        except self._redis_errors as exc:
+                written = await conn.call("EVALSHA", self._write_sha, n, *command)
+            except ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+                load = conn.call("SCRIPT", "LOAD", _WRITE)  # Redis answers in order: loaded first
+                written = await conn.call("EVALSHA", self._write_sha, n, *command)
+                await load
+        except (ReplyError, OSError, TimeoutError) as exc:  # ConnectionError is an OSError
             raise StoreError(f"session store: {exc}") from exc
         return [int(x) for x in written]
+
+    async def _connection(self) -> RedisConnection:
+        if self._loop_conn is None or not self._loop_conn.open_now:
+            async with self._opening:  # one connection, however many writes find none
+                if self._loop_conn is None or not self._loop_conn.open_now:
+                    self._loop_conn = await RedisConnection.open(self._url, self._timeout)
+        return self._loop_conn
 
     def write(self, records: Sequence[Record], ttl: float) -> list[int]:
         n, command = self._command(records, ttl)
@@ -387,7 +400,8 @@ class RedisStore(SessionStore):
         self._client.close()
 
     async def close_async(self) -> None:
-        await self._async.aclose()
+        if self._loop_conn is not None:
+            self._loop_conn.close()
 
 
 def open_store(spec: str) -> SessionStore | None:

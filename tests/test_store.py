@@ -3,29 +3,35 @@ skipped, records expire. The same checks against a real SQLite file and a real R
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal
 import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
+import uvloop
 
 from nextword.ranking import KEYSTROKES, StripState
+from nextword.server.resp import _INCOMPLETE, ReplyError, _parse
 from nextword.server.store import (
     STALE,
     TAKEN,
     WRITTEN,
     Record,
+    RedisStore,
     SessionStore,
     SqliteStore,
     StoreError,
     open_store,
 )
-from tests.services import redis_server
+from tests.services import RedisProcess, redis_server
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -134,3 +140,104 @@ def test_records_expire_after_their_ttl(store: SessionStore) -> None:
     store.sweep()
     assert store.claim("s1", ttl=60) is None
     assert store.write([_record(1, epoch=7)], ttl=60) == [WRITTEN]  # a fresh start
+
+
+# ---- the event loop's own writes to Redis (a lone stream's, server/resp.py) ----------------------
+
+
+@pytest.fixture
+def redis_proc(tmp_path: Path) -> Iterator[RedisProcess]:
+    with redis_server(tmp_path) as proc:
+        yield proc
+
+
+@contextlib.asynccontextmanager
+async def _loop_store(url: str, timeout: float = 1.0) -> AsyncIterator[RedisStore]:
+    store = RedisStore(url, timeout=timeout)
+    try:
+        yield store
+    finally:
+        await store.close_async()
+        store.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # the server runs uvloop where installed
+def test_the_event_loops_writes_are_judged_as_the_stores_own(redis_proc: RedisProcess, loop: str) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if loop == "uvloop" else None) as runner:
+        runner.run(_judged_as_the_stores_own(redis_proc))
+
+
+async def _judged_as_the_stores_own(redis_proc: RedisProcess) -> None:
+    big = bytes(range(256)) * 40  # a state of 10 KB: replies and commands of more than one read
+    async with _loop_store(redis_proc.url) as store:
+        assert store.writes_async
+        assert await store.write_async([_record(1, state=big)], ttl=60) == [WRITTEN]
+        store.claim("s1", ttl=60)
+        assert await store.write_async([_record(2, epoch=0)], ttl=60) == [TAKEN]
+        assert await store.write_async([_record(3, epoch=1, state=big)], ttl=60) == [WRITTEN]
+        assert await store.write_async([_record(2, epoch=1)], ttl=60) == [STALE]
+        claimed = store.claim("s1", ttl=60)
+        assert claimed is not None and (claimed.seq, claimed.state) == (3, big)
+        # Many writes in flight at once on the one connection: each gets its own answer.
+        many = [replace(_record(1), id=f"m{i}", seq=i + 1) for i in range(50)]
+        results = await asyncio.gather(*(store.write_async([r], ttl=60) for r in many))
+        assert results == [[WRITTEN]] * 50
+        assert [store.claim(f"m{i}", ttl=60).seq for i in range(50)] == list(range(1, 51))  # type: ignore[union-attr]
+
+
+async def test_the_event_loops_writes_load_the_script_again_after_a_flush(redis_proc: RedisProcess) -> None:
+    async with _loop_store(redis_proc.url) as store:
+        assert await store.write_async([_record(1)], ttl=60) == [WRITTEN]
+        redis.Redis.from_url(redis_proc.url).script_flush()
+        assert await store.write_async([_record(2)], ttl=60) == [WRITTEN]
+
+
+async def test_the_event_loops_writes_log_in_and_use_the_urls_database(redis_proc: RedisProcess) -> None:
+    admin = redis.Redis.from_url(redis_proc.url)
+    admin.config_set("requirepass", "s3cret")
+    url = f"redis://:s3cret@127.0.0.1:{redis_proc.port}/3"
+    try:
+        async with _loop_store(url) as store:
+            assert await store.write_async([_record(1)], ttl=60) == [WRITTEN]
+            assert store.claim("s1", ttl=60) is not None  # the same database as the thread's client
+        with redis.Redis.from_url(url) as db3, redis.Redis.from_url(url.replace("/3", "/0")) as db0:
+            assert db3.exists(RedisStore.PREFIX + "s1") and not db0.exists(RedisStore.PREFIX + "s1")
+        async with _loop_store(url.replace("s3cret", "wrong")) as store:
+            with pytest.raises(StoreError, match=r"WRONGPASS|invalid"):
+                await store.write_async([_record(1)], ttl=60)
+    finally:
+        with redis.Redis.from_url(url) as authed:
+            authed.config_set("requirepass", "")
+
+
+async def test_a_redis_that_hangs_fails_the_loops_write_in_time_then_it_connects_again(
+    redis_proc: RedisProcess,
+) -> None:
+    async with _loop_store(redis_proc.url, timeout=0.3) as store:
+        assert await store.write_async([_record(1)], ttl=60) == [WRITTEN]
+        redis_proc.process.send_signal(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(StoreError, match=r"did not answer within 0\.3 s"):
+                await store.write_async([_record(2)], ttl=60)
+            assert time.monotonic() - start < 2
+        finally:
+            redis_proc.process.send_signal(signal.SIGCONT)
+        assert await store.write_async([_record(3)], ttl=60) == [WRITTEN]
+
+
+def test_replies_cut_anywhere_wait_for_the_rest() -> None:
+    """Redis's replies arrive in pieces of any size: a piece never yields half a reply."""
+    replies = b"*3\r\n:1\r\n:0\r\n:2\r\n+OK\r\n-NOSCRIPT No matching script\r\n$5\r\nab\r\nc\r\n$-1\r\n"
+    expected = [[1, 0, 2], "OK", "NOSCRIPT No matching script", b"ab\r\nc", None]
+    for cut in range(1, len(replies)):
+        buf, got, at = bytearray(replies[:cut]), [], 0
+        while (reply := _parse(buf, at))[0] is not _INCOMPLETE:
+            got.append(reply[0])
+            at = reply[1]
+        buf += replies[cut:]
+        while at < len(buf):
+            reply = _parse(buf, at)
+            got.append(reply[0])
+            at = reply[1]
+        assert [str(r) if isinstance(r, ReplyError) else r for r in got] == expected, cut
