@@ -50,11 +50,18 @@ def test_int8_bundle_stores_its_weights_once_as_int8(int8_bundle: Path, tiny_bun
     assert tensors[lookup.input[0]].data_type == onnx.TensorProto.INT8
     vocab_rows = [t for t in tensors.values() if t.dims and t.dims[0] == m.vocab_size and len(t.dims) == 2]
     assert [t.data_type for t in vocab_rows] == [onnx.TensorProto.INT8]  # tied: one matrix for both uses
-    # The head reads the step graph's copy in weights.bin; the recurrent op stays float.
+    # The head reads the step graph's copy in weights.bin.
     shared = [t.name for t in head.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert vocab_rows[0].name in shared
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in vocab_rows)
-    assert any(n.op_type == m.cell.upper() for n in step.graph.node)
+    # The LSTMs are int8 products too, their float weights gone: a Scan over the steps per layer.
+    ops = [n.op_type for n in step.graph.node]
+    assert "LSTM" not in ops and ops.count("Scan") == 2 and ops.count("MatMulInteger") == 2
+    float_matrices = [
+        t for t in tensors.values() if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2
+    ]
+    assert float_matrices == []
+    assert "int8 LSTM" in m.export["quantization"]["recurrent"]
 
 
 def test_int8_head_answers_what_the_step_answered(int8_bundle: Path) -> None:
@@ -194,3 +201,75 @@ def test_fp16_answers_what_fp32_answers(fp16_bundle: Path, tiny_bundle: Path) ->
     assert a.dtype == np.float32
     np.testing.assert_allclose(a, b, atol=0.02)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.75
+
+
+def _lstm_graph(batch_input: bool, hidden: int = 8, features: int = 5) -> onnx.ModelProto:
+    """One LSTM node, as the export writes it, fed by an embedding lookup (or, else, a graph input)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {
+        "table": rng.normal(0, 1, (20, features)),
+        "W": rng.normal(0, 0.5, (1, 4 * hidden, features)),
+        "R": rng.normal(0, 0.5, (1, 4 * hidden, hidden)),
+        "B": rng.normal(0, 0.1, (1, 8 * hidden)),
+    }
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    x = "x" if batch_input else "rows"
+    nodes = [] if batch_input else [helper.make_node("Gather", ["table", "ids"], ["rows"])]
+    nodes.append(
+        helper.make_node("LSTM", [x, "W", "R", "B", "", "h0", "c0"], ["y", "y_h", "y_c"], hidden_size=hidden)
+    )
+    first = (
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", features])
+        if batch_input
+        else helper.make_tensor_value_info("ids", TensorProto.INT64, ["T", "N"])
+    )
+    state = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "N", hidden]) for n in ("h0", "c0")]
+    shapes: dict[str, list[str | int]] = {
+        "y": ["T", 1, "N", hidden],
+        "y_h": [1, "N", hidden],
+        "y_c": [1, "N", hidden],
+    }
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()]
+    graph = helper.make_graph(nodes, "lstm", [first, *state], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_lstm_becomes_int8_products_that_answer_as_it_did_row_by_row() -> None:
+    import onnxruntime as ort
+
+    from nextword.export.int8_lstm import int8_lstms
+
+    model = _lstm_graph(batch_input=False)
+    int8 = onnx.ModelProto()
+    int8.CopyFrom(model)
+    assert int8_lstms(int8) == 1
+    onnx.checker.check_model(int8)
+    run = {
+        name: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run
+        for name, m in (("fp32", model), ("int8", int8))
+    }
+    rng = np.random.default_rng(2)
+    feeds: dict[str, np.ndarray] = {
+        "ids": rng.integers(0, 20, (6, 4)),  # 6 steps of 4 rows
+        "h0": rng.uniform(-0.9, 0.9, (1, 4, 8)).astype(np.float32),
+        "c0": rng.normal(0, 1, (1, 4, 8)).astype(np.float32),
+    }
+    expected, got = run["fp32"](None, feeds), run["int8"](None, feeds)
+    for e, g in zip(expected, got, strict=True):
+        assert e.shape == g.shape
+        np.testing.assert_allclose(g, e, atol=0.05)
+    # Each row alone gives bitwise what it gave in the batch: integer products, fixed scales.
+    for row in range(4):
+        alone = run["int8"](None, {k: v[:, row : row + 1] for k, v in feeds.items()})
+        for whole, one in zip(got, alone, strict=True):
+            np.testing.assert_array_equal(np.asarray(whole)[..., row : row + 1, :], one)
+
+
+def test_an_lstm_with_an_input_of_unknown_range_stays_float() -> None:
+    from nextword.export.int8_lstm import int8_lstms
+
+    model = _lstm_graph(batch_input=True)
+    assert int8_lstms(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["LSTM"]
