@@ -16,12 +16,13 @@ import numpy as np
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in grpc-stubs
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from nextword.bundle import Bundle, load_bundle
 from nextword.runtime import OnnxLM
 from nextword.v1 import nextword_pb2 as pb
 
+from . import reflection
 from .batcher import Batcher
 from .config import ANY_FREE_PORT, ServerConfig
 from .guard import Guard
@@ -367,14 +368,15 @@ async def _grpc_server(
     )
     health_servicer = HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    alpha, v1 = reflection.servicers((SERVICE_NAME, health.SERVICE_NAME))
     # Through the guard, not the generated add_*_to_server helpers: requests that do not decode get
     # INVALID_ARGUMENT instead of UNKNOWN and a traceback; NextWord calls are authenticated.
     server.add_generic_rpc_handlers(
         (
             guard.handler(pb.DESCRIPTOR.services_by_name["NextWord"], servicer),
             guard.handler(_service(health_pb2), health_servicer, public=True),
-            guard.handler(_service(reflection_pb2), _reflection(names), public=True),
+            guard.handler(_service(reflection_pb2), alpha, public=True),
+            guard.handler(reflection.V1_SERVICE, v1, public=True),
         )
     )
     address = f"{config.host}:{config.port}"
@@ -394,11 +396,6 @@ def _service(module: Any) -> ServiceDescriptor:
     """The one service a generated ``*_pb2`` module declares."""
     (service,) = module.DESCRIPTOR.services_by_name.values()
     return service
-
-
-def _reflection(names: tuple[str, ...]) -> object:
-    # What enable_server_reflection registers on an asyncio server (public; missing in the stubs).
-    return reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
 
 
 def _metrics_endpoint(config: ServerConfig, metrics: Metrics) -> MetricsEndpoint | None:

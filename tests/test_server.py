@@ -22,8 +22,9 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.bundle import BATCH, StateTensor, load_bundle
@@ -485,14 +486,30 @@ async def test_health_is_serving(channel: grpc.aio.Channel) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_reflection_lists_the_service(channel: grpc.aio.Channel) -> None:
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    call = reflection.ServerReflectionInfo()
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Channel, version: str) -> None:
+    """Both reflection services answer (grpcurl and newer tools ask for v1 first). v1's messages are
+    v1alpha's bytes under another name, so v1alpha's classes read and write both here."""
+    info: Any = channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = info()
     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-    reply = await call.read()
+    names = {s.name for s in (await call.read()).list_services_response.service}
+    for symbol in ("nextword.v1.NextWord", f"grpc.reflection.{version}.ServerReflection"):
+        await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
+        files = (await call.read()).file_descriptor_response.file_descriptor_proto
+        packages = {descriptor_pb2.FileDescriptorProto.FromString(f).package for f in files}
+        assert symbol.rsplit(".", 1)[0] in packages, (symbol, packages)
     await call.done_writing()
-    names = {s.name for s in reply.list_services_response.service}
-    assert {"nextword.v1.NextWord", "grpc.health.v1.Health"} <= names
+    assert {
+        "nextword.v1.NextWord",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    } <= names
 
 
 async def _scrape(port: int) -> dict[str, Any]:
