@@ -60,6 +60,11 @@ class ModelConfig:
     dropout: float = option(0.3, "dropout between layers and before the softmax")
     tie_weights: bool = switch("separate input and output embeddings (the default ties them)", off="--no-tie")
     delay: int = option(4, "delay cell: h_t also reads h_(t-d), this d")
+    irnn_scale: float = option(
+        1.0,
+        "irnn: the recurrent matrix starts as this times the identity (below 1, a state carried "
+        "from segment to segment decays instead of adding up every input it has seen)",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -53,7 +53,9 @@ class Recurrent(nn.Module):
 class FusedRecurrent(Recurrent):
     """torch's nn.RNN/nn.GRU/nn.LSTM: rnn, irnn, gru, lstm."""
 
-    def __init__(self, cell: str, input_size: int, hidden: int, layers: int, dropout: float) -> None:
+    def __init__(
+        self, cell: str, input_size: int, hidden: int, layers: int, dropout: float, irnn_scale: float = 1.0
+    ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = {"dropout": dropout if layers > 1 else 0.0, "batch_first": True}
         if cell in ("rnn", "irnn"):
@@ -67,7 +69,8 @@ class FusedRecurrent(Recurrent):
         if cell == "irnn":
             for name, param in self.rnn.named_parameters():
                 if name.startswith("weight_hh"):
-                    nn.init.eye_(param)  # carry the state forward unchanged at init
+                    nn.init.eye_(param)  # carry the state forward unchanged at init (or decaying)
+                    param.data.mul_(irnn_scale)
                 elif name.startswith("weight_ih"):
                     nn.init.normal_(param, std=1e-3)  # Le et al.: small input weights
                 else:
@@ -187,7 +190,7 @@ def make_recurrent(cfg: ModelConfig) -> Recurrent:
     args = (cfg.embedding_dim, cfg.hidden_size, cfg.num_layers, cfg.dropout)
     if cfg.cell in ("cifg", "delay"):
         return ScriptedRecurrent(cfg.cell, *args, delay=cfg.delay)
-    return FusedRecurrent(cfg.cell, *args)
+    return FusedRecurrent(cfg.cell, *args, irnn_scale=cfg.irnn_scale)
 
 
 # ---- the language model ------------------------------------------------------------

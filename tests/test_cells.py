@@ -64,3 +64,27 @@ def test_server_has_no_cell_specific_code() -> None:
         text = source.read_text()
         for cell in CELLS:
             assert not re.search(rf"[\"']{cell}[\"']", text), f"{source.name} names the {cell!r} cell"
+
+
+def test_irnn_scale_makes_a_carried_state_decay_instead_of_adding_up() -> None:
+    """The IRNN's recurrent matrix starts as scale × I. At 1 (Le et al.) a ReLU state fed the same
+    input adds it up for as long as the state is carried; below 1 it settles (about 1/(1 - scale)
+    times one step's input), which is what a state carried across a whole text needs."""
+    import torch
+
+    from nextword.export.config import ModelConfig
+    from nextword.export.model import make_recurrent
+
+    def run(scale: float, steps: int) -> float:
+        torch.manual_seed(0)
+        cfg = ModelConfig(cell="irnn", embedding_dim=8, hidden_size=8, num_layers=1, irnn_scale=scale)
+        rnn = make_recurrent(cfg)
+        weights = dict(rnn.named_parameters())
+        assert torch.equal(weights["rnn.weight_hh_l0"], scale * torch.eye(8))
+        x = torch.ones(1, steps, 8)
+        with torch.no_grad():
+            _, (h,) = rnn(x, rnn.init_state(1))
+        return float(h.max())
+
+    assert run(1.0, 2000) > 1.9 * run(1.0, 1000)  # keeps growing with the length carried
+    assert run(0.9, 2000) == pytest.approx(run(0.9, 1000), rel=1e-4)  # settled
