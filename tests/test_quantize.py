@@ -73,6 +73,20 @@ def test_int8_head_answers_what_the_step_answered(int8_bundle: Path) -> None:
     np.testing.assert_array_equal(lm.head(state), log_probs)
 
 
+def test_int8_text_read_at_once_leaves_the_state_word_by_word_leaves(int8_bundle: Path) -> None:
+    """A paste runs as one call of many tokens (the LSTM's Scan over them), a typed word as one
+    call each: with integer products and fixed scales both leave the very same state."""
+    lm = OnnxLM(load_bundle(int8_bundle), device="cpu")
+    tokens = np.random.default_rng(3).integers(0, lm.vocab_size, (3, 6))
+    at_once, whole_state = lm.step(tokens, lm.zero_state(3))
+    state = lm.zero_state(3)
+    for t in range(tokens.shape[1]):
+        log_probs, state = lm.step(tokens[:, t : t + 1], state)
+    for a, b in zip(whole_state, state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(at_once, log_probs)
+
+
 @pytest.mark.asyncio(loop_scope="session")
 async def test_int8_answers_do_not_depend_on_the_batch(int8_bundle: Path) -> None:
     texts = [
