@@ -64,6 +64,13 @@ COMMANDS = {
         "nextword.clients.loadtest.cli:main",
         ("nextword.clients.loadtest.cli:LoadTestOptions", _CONNECTION),
     ),
+    "gateway": Command(
+        "the browser's way in: HTTP/JSON, a WebSocket per session and a demo page, in front of a server",
+        "nextword.clients.gateway:main",
+        ("nextword.clients.gateway:GatewayOptions", _CONNECTION),
+        extra="web",
+        needs=("aiohttp",),
+    ),
     "eval": Command(
         "perplexity, top-1/top-3 accuracy and keystroke savings (--ksr) of a bundle on a text file",
         "nextword.evaluate:main",

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Install the real services the tests and deploy/ run, from Debian's packages, where missing:
 #   scripts/install-services.sh                 # all of them
-#   scripts/install-services.sh redis nginx     # only these (names: redis nginx prometheus)
+#   scripts/install-services.sh redis nginx     # only these (names: redis nginx prometheus chromium)
 # redis: redis-server (the shared session store); nginx: the gRPC balancer (deploy/nginx);
-# prometheus: promtool, for `promtool check rules` / `promtool test rules` (deploy/prometheus).
+# prometheus: promtool, for `promtool check rules` / `promtool test rules` (deploy/prometheus);
+# chromium: the browser the gateway's demo page is tested in (driven by Playwright).
 # Nothing is started here and no system service is enabled: the tests start their own
 # instances on loopback ports in temporary folders. Needs root (or sudo) and apt only when
 # something is missing; a no-op otherwise.
 set -euo pipefail
 
-declare -A PACKAGE=([redis]=redis-server [nginx]=nginx [prometheus]=prometheus)
-declare -A BINARY=([redis]=redis-server [nginx]=nginx [prometheus]=promtool)
+declare -A PACKAGE=([redis]=redis-server [nginx]=nginx [prometheus]=prometheus [chromium]=chromium)
+declare -A BINARY=([redis]=redis-server [nginx]=nginx [prometheus]=promtool [chromium]=chromium)
 
 names=("$@")
-[ ${#names[@]} -eq 0 ] && names=(redis nginx prometheus)
+[ ${#names[@]} -eq 0 ] && names=(redis nginx prometheus chromium)
 
 missing=()
 for name in "${names[@]}"; do

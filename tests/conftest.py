@@ -115,11 +115,10 @@ SERVING = re.compile(r"nextword serving \S+ \([^)]*\) on [\d.]+:(\d+)")
 
 
 @contextlib.contextmanager
-def serve_process(bundle: Path, *args: str) -> Iterator[str]:
-    """``nextword serve --model BUNDLE --port 0`` as a real process; yields its HOST:PORT."""
-    cmd = [sys.executable, "-m", "nextword.cli", "serve", "--model", str(bundle), "--port", "0"]
+def nextword_process(args: list[str], ready: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    """``nextword ARGS`` as a real process, until its log says ``ready`` (the match); SIGTERM after."""
     proc = subprocess.Popen(
-        [*cmd, "--metrics-port", "0", "--threads", "1", *args],
+        [sys.executable, "-m", "nextword.cli", *args],
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -127,11 +126,19 @@ def serve_process(bundle: Path, *args: str) -> Iterator[str]:
     try:
         assert proc.stderr is not None
         log = ""
-        while (match := SERVING.search(log)) is None:
+        while (match := ready.search(log)) is None:
             line = proc.stderr.readline()
-            assert line, f"nextword serve exited before serving:\n{log}"
+            assert line, f"nextword {args[0]} exited before it was ready:\n{log}"
             log += line
-        yield f"127.0.0.1:{match.group(1)}"
+        yield match
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_process(bundle: Path, *args: str) -> Iterator[str]:
+    """``nextword serve --model BUNDLE --port 0`` as a real process; yields its HOST:PORT."""
+    cmd = ["serve", "--model", str(bundle), "--port", "0", "--metrics-port", "0", "--threads", "1", *args]
+    with nextword_process(cmd, SERVING) as match:
+        yield f"127.0.0.1:{match.group(1)}"

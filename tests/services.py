@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INSTALL_SCRIPT = ROOT / "scripts" / "install-services.sh"
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nextword.conf"
 # The service names of scripts/install-services.sh and the binary each one installs.
-BINARIES = {"redis": "redis-server", "nginx": "nginx", "prometheus": "promtool"}
+BINARIES = {"redis": "redis-server", "nginx": "nginx", "prometheus": "promtool", "chromium": "chromium"}
 # Where Debian puts them; a non-root PATH often lacks the sbin folders.
 SYSTEM_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 START_TIMEOUT_S = 15.0
@@ -61,7 +61,7 @@ def find_binary(binary: str) -> str | None:
 
 
 def ensure_installed(*names: str) -> dict[str, str]:
-    """Install the services ``names`` (redis, nginx, prometheus) that are missing; their binaries' paths.
+    """Install the services ``names`` (redis, nginx, prometheus, chromium) that are missing; their paths.
 
     Runs scripts/install-services.sh for the missing ones only; raises RuntimeError with its
     output when it fails or the binary is still missing after it.

@@ -1,0 +1,205 @@
+"""``nextword gateway``: the browser's door, HTTP/JSON and a WebSocket in front of a nextword server.
+
+A browser cannot open a gRPC bidirectional stream, so the gateway (aiohttp) speaks
+JSON to it and gRPC to the server, with the client library any Python program uses:
+
+* ``POST /v1/predict`` ``{"text": "...", "k": 3}``: one prediction, no state kept;
+* ``GET /v1/session``, a WebSocket: each message ``{"text": "...", "k": 3, "reset": false}``
+  is one request of one nextword session (the text is appended to what the session has
+  read; ``reset`` starts over with it), answered by one message with the prediction and
+  the session's id and seq; the first message may name a ``session_id`` to resume;
+* ``GET /`` the demo page and ``GET /nextword.js`` its client (an ES module, no build step).
+
+Every WebSocket is one ``AsyncSession`` of ``clients/client.py``, which resumes the
+session on another stream when the server restarts or a balancer moves it, replaying
+what a stored copy lacks: a page keeps working across a server restart without knowing.
+What the server refuses comes back as ``{"error": {"code": "INVALID_ARGUMENT", "message":
+...}}`` with gRPC's status name and the server's own words; the socket stays open. The
+server's limits apply as they are (text length, k, the cost of a request in tokens);
+the gateway adds its own bound on a message's size and on how many sockets it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import WSMsgType, web
+
+from nextword.options import from_args, option
+
+from .channel import CredentialsError
+from .client import AsyncNextWordClient, AsyncSession, Prediction
+from .connection import ConnectionOptions
+
+log = logging.getLogger("nextword.gateway")
+WEB = Path(__file__).resolve().parent / "web"  # index.html, nextword.js
+CLIENT_KEY: web.AppKey[AsyncNextWordClient] = web.AppKey("client", AsyncNextWordClient)
+OPTIONS_KEY: web.AppKey[GatewayOptions] = web.AppKey("options", object)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    host: str = option("127.0.0.1", "address to listen on for browsers (0.0.0.0: every interface)")
+    port: int = option(8080, "HTTP port (0: a free port, named in the log)")
+    max_message_bytes: int = option(16 * 1024, "largest JSON message a browser may send")
+    max_sockets: int = option(1000, "WebSocket sessions held at once; more are refused (503)")
+    timeout: float = option(10.0, "seconds a request may wait for the server")
+
+
+def _prediction(p: Prediction) -> dict[str, Any]:
+    return p.to_json_dict() | {"completions": p.to_json_dict().get("completions", [])}
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def _rpc_error(exc: grpc.RpcError) -> dict[str, Any]:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else None
+    return _error(code.name if code is not None else "UNKNOWN", details or str(exc))
+
+
+_HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404}
+_HTTP_STATUS |= {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+
+
+def _request(data: Any) -> tuple[str, int, bool]:
+    """``text``, ``k`` and ``reset`` of a JSON request; ValueError with what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError('send a JSON object such as {"text": "it is a truth ", "k": 3}')
+    text, k, reset = data.get("text", ""), data.get("k", 3), data.get("reset", False)
+    if not isinstance(text, str):
+        raise ValueError('"text" must be a string')
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ValueError('"k" must be a whole number, 0 or more')
+    if not isinstance(reset, bool):
+        raise ValueError('"reset" must be true or false')
+    return text, k, reset
+
+
+async def predict(request: web.Request) -> web.Response:
+    options = request.app[OPTIONS_KEY]
+    if (request.content_length or 0) > options.max_message_bytes:
+        return web.json_response(_error("INVALID_ARGUMENT", "request too large"), status=413)
+    try:
+        text, k, _ = _request(await request.json())
+    except (ValueError, json.JSONDecodeError) as exc:
+        return web.json_response(_error("INVALID_ARGUMENT", str(exc)), status=400)
+    try:
+        prediction = await request.app[CLIENT_KEY].predict(text, k)
+    except grpc.RpcError as exc:
+        body = _rpc_error(exc)
+        return web.json_response(body, status=_HTTP_STATUS.get(body["error"]["code"], 502))
+    return web.json_response(_prediction(prediction))
+
+
+class _Sockets:
+    """How many WebSocket sessions the gateway holds (``--max-sockets``)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+
+SOCKETS_KEY: web.AppKey[_Sockets] = web.AppKey("sockets", _Sockets)
+
+
+async def session(request: web.Request) -> web.StreamResponse:
+    options, sockets = request.app[OPTIONS_KEY], request.app[SOCKETS_KEY]
+    if sockets.open >= options.max_sockets:
+        return web.json_response(
+            _error("RESOURCE_EXHAUSTED", "the gateway holds all the sessions it may"), status=503
+        )
+    ws = web.WebSocketResponse(max_msg_size=options.max_message_bytes, heartbeat=30)
+    await ws.prepare(request)
+    sockets.open += 1
+    stream: AsyncSession | None = None
+    resume: str | None = None  # the session to take up again: named by the page, or one that failed
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                break  # a binary frame, an error or a close: nothing more to answer
+            try:
+                data = json.loads(msg.data)
+                text, k, reset = _request(data)
+            except (ValueError, json.JSONDecodeError) as exc:
+                await ws.send_json(_error("INVALID_ARGUMENT", str(exc)))
+                continue
+            if stream is None:
+                named = data.get("session_id")
+                stream = request.app[CLIENT_KEY].session(
+                    named if isinstance(named, str) and named else resume, k or None
+                )
+            try:
+                prediction = await stream.send(text, reset=reset, k=k)
+            except grpc.RpcError as exc:
+                await ws.send_json(_rpc_error(exc))
+                if stream.closed:  # the server ended this stream: the next message resumes the session
+                    resume, stream = stream.session_id, None
+                continue
+            await ws.send_json(_prediction(prediction) | {"session_id": stream.session_id, "seq": stream.seq})
+    finally:
+        sockets.open -= 1
+        if stream is not None:
+            await stream.close()
+    return ws
+
+
+async def page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB / "index.html")
+
+
+async def script(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(WEB / "nextword.js", headers={"Content-Type": "text/javascript"})
+
+
+def make_app(client: AsyncNextWordClient, options: GatewayOptions) -> web.Application:
+    app = web.Application(client_max_size=options.max_message_bytes)
+    app[CLIENT_KEY], app[OPTIONS_KEY], app[SOCKETS_KEY] = client, options, _Sockets()
+    app.router.add_get("/", page)
+    app.router.add_get("/nextword.js", script)
+    app.router.add_post("/v1/predict", predict)
+    app.router.add_get("/v1/session", session)
+    return app
+
+
+async def serve(options: GatewayOptions, connection: ConnectionOptions) -> None:
+    client = connection.async_client(timeout=options.timeout)
+    runner = web.AppRunner(make_app(client, options))
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, options.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    log.info("nextword gateway on http://%s:%d/ for the server at %s", options.host, port, connection.target)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+        await client.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options, connection = from_args(GatewayOptions, args), from_args(ConnectionOptions, args)
+    try:
+        asyncio.run(serve(options, connection))
+    except CredentialsError as exc:
+        print(f"nextword gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(
+            f"nextword gateway: error: cannot listen on {options.host}:{options.port} ({exc})",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,90 @@
+// nextword's browser client: an ES module, no build step.
+//
+//   import { NextWordSession, predict } from "/nextword.js";
+//   const session = new NextWordSession();            // ws(s)://<this host>/v1/session
+//   const p = await session.send("it is a truth univ"); // {suggestions, completions, partial, ...}
+//   await session.send("ersally ");                     // text is appended to what was sent
+//   await session.send("It was", { reset: true });      // start over with this text
+//
+// One WebSocket is one nextword session. The gateway resumes it on the server when the
+// server restarts; if the gateway itself goes away, the next send opens a new socket
+// naming the session, so the server takes it up where it was.
+
+export async function predict(text, { k = 3, base = "" } = {}) {
+  const reply = await fetch(`${base}/v1/predict`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ text, k }),
+  });
+  const body = await reply.json();
+  if (body.error) throw new NextWordError(body.error.code, body.error.message);
+  return body;
+}
+
+export class NextWordError extends Error {
+  constructor(code, message) {
+    super(`${code}: ${message}`);
+    this.code = code;
+  }
+}
+
+export class NextWordSession {
+  constructor({ url = defaultUrl(), k = 3 } = {}) {
+    this.url = url;
+    this.k = k;
+    this.sessionId = null;
+    this._socket = null;
+    this._waiting = []; // the resolve/reject of each request sent, in order: one reply each
+    this._chain = Promise.resolve(); // requests go one at a time
+  }
+
+  send(text, { reset = false, k = this.k } = {}) {
+    const next = this._chain.then(() => this._roundtrip({ text, k, reset }));
+    this._chain = next.catch(() => {});
+    return next;
+  }
+
+  close() {
+    if (this._socket) this._socket.close();
+    this._socket = null;
+  }
+
+  async _roundtrip(request) {
+    const socket = await this._open();
+    if (this.sessionId) request.session_id = this.sessionId; // read only by a new socket's first message
+    const reply = await new Promise((resolve, reject) => {
+      this._waiting.push({ resolve, reject });
+      socket.send(JSON.stringify(request));
+    });
+    if (reply.error) throw new NextWordError(reply.error.code, reply.error.message);
+    this.sessionId = reply.session_id;
+    return reply;
+  }
+
+  _open() {
+    if (this._socket && this._socket.readyState === WebSocket.OPEN) return Promise.resolve(this._socket);
+    return new Promise((resolve, reject) => {
+      const socket = new WebSocket(this.url);
+      socket.onopen = () => {
+        this._socket = socket;
+        resolve(socket);
+      };
+      socket.onmessage = (event) => {
+        const waiter = this._waiting.shift();
+        if (waiter) waiter.resolve(JSON.parse(event.data));
+      };
+      socket.onclose = () => {
+        if (this._socket === socket) this._socket = null;
+        for (const waiter of this._waiting.splice(0)) {
+          waiter.reject(new NextWordError("UNAVAILABLE", "the gateway closed the connection"));
+        }
+        reject(new NextWordError("UNAVAILABLE", `cannot reach ${this.url}`));
+      };
+    });
+  }
+}
+
+function defaultUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/v1/session`;
+}
