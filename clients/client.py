@@ -80,6 +80,9 @@ _RETRY_WHILE_RECONNECTING = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 _PUSHBACK = "grpc-retry-pushback-ms"  # the wait a busy server asks for (gRPC's retry design)
 
 
+Metadata = tuple[tuple[str, str], ...]  # gRPC call metadata: (key, value) pairs
+
+
 class NextWordError(grpc.RpcError):
     """A gRPC failure raised by this client itself; same ``code()``/``details()`` as grpc's own."""
 
@@ -609,9 +612,11 @@ class AsyncSession(_Resumable):
         timeout: float | None,
         reconnect: Reconnect = DEFAULT_RECONNECT,
         strip: pb.Strip | None = None,
+        metadata: Metadata = (),
     ) -> None:
         super().__init__(session_id, k, model, timeout, reconnect, strip)
         self._client = client
+        self._metadata = metadata  # sent on every stream of this session
         self._lock = asyncio.Lock()  # keeps request/reply pairs together across tasks
         self._call: Any = None
         self._open(wait_for_ready=False)
@@ -619,7 +624,7 @@ class AsyncSession(_Resumable):
     def _open(self, *, wait_for_ready: bool) -> None:
         """A new stream for this session, opened by its client (so the client's credentials apply)."""
         self._retire()
-        self._call = self._client._session_call(wait_for_ready=wait_for_ready)
+        self._call = self._client._session_call(wait_for_ready=wait_for_ready, metadata=self._metadata)
         self._first = True
 
     def _retire(self) -> None:
@@ -762,8 +767,10 @@ class AsyncNextWordClient:
         self._channel = aio_channel(target, credentials)
         self._stub = pb_grpc.NextWordStub(self._channel)
 
-    async def predict(self, text: str, k: int = 3, *, model: str = "") -> Prediction:
-        call: Any = self._stub.Predict(pb.PredictRequest(text=text, k=k, model=model), timeout=self.timeout)
+    async def predict(self, text: str, k: int = 3, *, model: str = "", metadata: Metadata = ()) -> Prediction:
+        """``metadata``: sent with the call (e.g. a caller's own ``authorization``, as the gateway does)."""
+        request = pb.PredictRequest(text=text, k=k, model=model)
+        call: Any = self._stub.Predict(request, timeout=self.timeout, metadata=metadata or None)
         reply: pb.PredictReply = await call
         return Prediction.from_proto(reply.prediction)
 
@@ -779,14 +786,16 @@ class AsyncNextWordClient:
         model: str = "",
         reconnect: Reconnect = DEFAULT_RECONNECT,
         strip: pb.Strip | None = None,
+        metadata: Metadata = (),
     ) -> AsyncSession:
         """Open a session stream (use as ``async with``); ``session_id`` resumes a held session.
-        ``strip``: how its slots are filled (``pb.Strip``: policy, no_repeat)."""
-        return AsyncSession(self, session_id, k, model, self.timeout, reconnect, strip)
+        ``strip``: how its slots are filled (``pb.Strip``: policy, no_repeat). ``metadata``: sent
+        with every stream of the session."""
+        return AsyncSession(self, session_id, k, model, self.timeout, reconnect, strip, metadata)
 
-    def _session_call(self, *, wait_for_ready: bool) -> Any:
+    def _session_call(self, *, wait_for_ready: bool, metadata: Metadata = ()) -> Any:
         """A new Session stream on this client's channel: every stream of its sessions starts here."""
-        return self._stub.Session(wait_for_ready=wait_for_ready)
+        return self._stub.Session(wait_for_ready=wait_for_ready, metadata=metadata or None)
 
     async def close(self) -> None:
         await self._channel.close(None)

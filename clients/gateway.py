@@ -13,7 +13,10 @@ JSON to it and gRPC to the server, with the client library any Python program us
 Every WebSocket is one ``AsyncSession`` of ``clients/client.py``, which resumes the
 session on another stream when the server restarts or a balancer moves it, replaying
 what a stored copy lacks: a page keeps working across a server restart without knowing.
-What the server refuses comes back as ``{"error": {"code": "INVALID_ARGUMENT", "message":
+A caller's bearer token (an ``Authorization: Bearer`` header, or ``"token"`` in a socket's
+first message, since a browser cannot set a WebSocket's headers) goes on to the server as
+that call's own, so the server authenticates every user as it authenticates gRPC clients
+(``Passing``). What the server refuses comes back as ``{"error": {"code": "INVALID_ARGUMENT", "message":
 ...}}`` with gRPC's status name and the server's own words; the socket stays open. The
 server's limits apply as they are (text length, k, the cost of a request in tokens);
 the gateway adds its own bound on a message's size and on how many sockets it holds.
@@ -35,13 +38,14 @@ from aiohttp import WSMsgType, web
 
 from nextword.options import from_args, option
 
-from .channel import CredentialsError
-from .client import AsyncNextWordClient, AsyncSession, Prediction
+from .channel import Credentials, CredentialsError, is_loopback_target
+from .client import AsyncNextWordClient, AsyncSession, Metadata, Prediction
 from .connection import ConnectionOptions
 
 log = logging.getLogger("nextword.gateway")
 WEB = Path(__file__).resolve().parent / "web"  # index.html, nextword.js
 CLIENT_KEY: web.AppKey[AsyncNextWordClient] = web.AppKey("client", AsyncNextWordClient)
+PASS_KEY: web.AppKey[Passing] = web.AppKey("passing", object)  # type: ignore[arg-type]
 OPTIONS_KEY: web.AppKey[GatewayOptions] = web.AppKey("options", object)  # type: ignore[arg-type]
 
 
@@ -72,6 +76,49 @@ _HTTP_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DEN
 _HTTP_STATUS |= {"RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
 
 
+class TokenRefused(ValueError):
+    """A caller's token that this gateway will not pass on; the message says why."""
+
+
+@dataclass(frozen=True)
+class Passing:
+    """Whether callers' bearer tokens may go on to the server, and why not.
+
+    A token goes on as the call's ``authorization`` metadata, so the server authenticates
+    the caller exactly as it would a gRPC client. Only over TLS or to this machine (the
+    client library's own rule: never a token in clear over a network), and not by a gateway
+    that signs in with a token of its own (``--token-file``: it serves as that principal).
+    """
+
+    refused: str = ""  # why tokens are not passed on; empty: they are
+
+    @classmethod
+    def of(cls, target: str, own: Credentials) -> Passing:
+        if own.token is not None:
+            return cls("this gateway calls the server as its own principal (--token-file): send no token")
+        if not (own.tls or target.startswith("unix:") or is_loopback_target(target)):
+            return cls(f"this gateway reaches {target} without TLS: it passes no token on in clear")
+        return cls()
+
+    def metadata(self, token: str | None) -> Metadata:
+        """The call metadata carrying ``token``; TokenRefused if it may not go on or is malformed."""
+        if not token:
+            return ()
+        if self.refused:
+            raise TokenRefused(self.refused)
+        try:
+            token = Credentials(token=token).token
+        except CredentialsError as exc:
+            raise TokenRefused(str(exc)) from exc
+        return (("authorization", f"Bearer {token}"),)
+
+
+def _bearer(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, if any."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 def _request(data: Any) -> tuple[str, int, bool]:
     """``text``, ``k`` and ``reset`` of a JSON request; ValueError with what is wrong."""
     if not isinstance(data, dict):
@@ -92,10 +139,11 @@ async def predict(request: web.Request) -> web.Response:
         return web.json_response(_error("INVALID_ARGUMENT", "request too large"), status=413)
     try:
         text, k, _ = _request(await request.json())
-    except (ValueError, json.JSONDecodeError) as exc:
+        metadata = request.app[PASS_KEY].metadata(_bearer(request))
+    except (ValueError, json.JSONDecodeError) as exc:  # TokenRefused is a ValueError
         return web.json_response(_error("INVALID_ARGUMENT", str(exc)), status=400)
     try:
-        prediction = await request.app[CLIENT_KEY].predict(text, k)
+        prediction = await request.app[CLIENT_KEY].predict(text, k, metadata=metadata)
     except grpc.RpcError as exc:
         body = _rpc_error(exc)
         return web.json_response(body, status=_HTTP_STATUS.get(body["error"]["code"], 502))
@@ -130,13 +178,16 @@ async def session(request: web.Request) -> web.StreamResponse:
             try:
                 data = json.loads(msg.data)
                 text, k, reset = _request(data)
+                if stream is None:  # a socket's first message may carry the caller's token
+                    token = data.get("token") if isinstance(data.get("token"), str) else _bearer(request)
+                    metadata = request.app[PASS_KEY].metadata(token)
             except (ValueError, json.JSONDecodeError) as exc:
                 await ws.send_json(_error("INVALID_ARGUMENT", str(exc)))
                 continue
             if stream is None:
                 named = data.get("session_id")
                 stream = request.app[CLIENT_KEY].session(
-                    named if isinstance(named, str) and named else resume, k or None
+                    named if isinstance(named, str) and named else resume, k or None, metadata=metadata
                 )
             try:
                 prediction = await stream.send(text, reset=reset, k=k)
@@ -161,9 +212,9 @@ async def script(request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB / "nextword.js", headers={"Content-Type": "text/javascript"})
 
 
-def make_app(client: AsyncNextWordClient, options: GatewayOptions) -> web.Application:
+def make_app(client: AsyncNextWordClient, options: GatewayOptions, passing: Passing) -> web.Application:
     app = web.Application(client_max_size=options.max_message_bytes)
-    app[CLIENT_KEY], app[OPTIONS_KEY], app[SOCKETS_KEY] = client, options, _Sockets()
+    app[CLIENT_KEY], app[OPTIONS_KEY], app[SOCKETS_KEY], app[PASS_KEY] = client, options, _Sockets(), passing
     app.router.add_get("/", page)
     app.router.add_get("/nextword.js", script)
     app.router.add_post("/v1/predict", predict)
@@ -172,8 +223,9 @@ def make_app(client: AsyncNextWordClient, options: GatewayOptions) -> web.Applic
 
 
 async def serve(options: GatewayOptions, connection: ConnectionOptions) -> None:
-    client = connection.async_client(timeout=options.timeout)
-    runner = web.AppRunner(make_app(client, options))
+    own = connection.credentials()
+    client = AsyncNextWordClient(connection.target, timeout=options.timeout, credentials=own)
+    runner = web.AppRunner(make_app(client, options, Passing.of(connection.target, own)))
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.port)
     await site.start()

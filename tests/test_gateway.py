@@ -7,6 +7,7 @@ Playwright.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -47,8 +48,9 @@ def running_gateway(server: str) -> Iterator[str]:
         yield match.group(1)
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def _post(url: str, body: bytes, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read())
@@ -166,3 +168,38 @@ async def test_a_page_session_outlives_a_server_restart() -> None:
     assert all("error" not in r for r in replies), replies
     for got, want in zip(replies, expected, strict=True):
         assert (got["suggestions"], got["partial"]) == (want["suggestions"], want["partial"])
+
+
+async def test_callers_tokens_go_on_to_the_server_and_are_judged_there(tmp_path: Path) -> None:
+    from nextword.server.tokens import append_token
+
+    tokens = tmp_path / "tokens"
+    alice = append_token(tokens, "alice")
+    body = json.dumps({"text": "it is a truth ", "k": 3}).encode()
+    with serve_process(DEMO, "--tokens-file", str(tokens)) as target, running_gateway(target) as url:
+        status, reply = await asyncio.to_thread(_post, f"{url}/v1/predict", body)
+        assert (status, reply["error"]["code"]) == (401, "UNAUTHENTICATED")
+        status, reply = await asyncio.to_thread(_post, f"{url}/v1/predict", body, alice)
+        assert status == 200 and len(reply["suggestions"]) == 3
+        status, reply = await asyncio.to_thread(_post, f"{url}/v1/predict", body, alice + "x")
+        assert (status, reply["error"]["code"]) == (401, "UNAUTHENTICATED")
+        async with aiohttp.ClientSession() as http:
+            for token, code in ((None, "UNAUTHENTICATED"), (alice, None)):
+                async with http.ws_connect(f"{url.replace('http', 'ws')}/v1/session") as ws:
+                    await ws.send_json(
+                        {"text": "it is a truth ", "k": 3} | ({"token": token} if token else {})
+                    )
+                    got = await ws.receive_json(timeout=10)
+                    assert got.get("error", {}).get("code") == code, got
+    # A gateway that signs in as itself passes no caller's token on, and says so.
+    gateway_token = tmp_path / "gateway-token"
+    gateway_token.write_text(append_token(tokens, "gateway"))
+    with serve_process(DEMO, "--tokens-file", str(tokens)) as target:
+        cmd = ["gateway", "--target", target, "--port", "0", "--token-file", str(gateway_token)]
+        with nextword_process(cmd, LISTENING) as match:
+            url = match.group(1)
+            status, reply = await asyncio.to_thread(_post, f"{url}/v1/predict", body)
+            assert status == 200  # as the gateway's principal
+            status, reply = await asyncio.to_thread(_post, f"{url}/v1/predict", body, alice)
+            assert (status, reply["error"]["code"]) == (400, "INVALID_ARGUMENT")
+            assert "its own principal" in reply["error"]["message"]

@@ -2,6 +2,7 @@
 //
 //   import { NextWordSession, predict } from "/nextword.js";
 //   const session = new NextWordSession();            // ws(s)://<this host>/v1/session
+//   (a server that wants a bearer token: new NextWordSession({ token }), predict(text, { token }))
 //   const p = await session.send("it is a truth univ"); // {suggestions, completions, partial, ...}
 //   await session.send("ersally ");                     // text is appended to what was sent
 //   await session.send("It was", { reset: true });      // start over with this text
@@ -10,10 +11,12 @@
 // server restarts; if the gateway itself goes away, the next send opens a new socket
 // naming the session, so the server takes it up where it was.
 
-export async function predict(text, { k = 3, base = "" } = {}) {
+export async function predict(text, { k = 3, base = "", token = null } = {}) {
+  const headers = { "Content-Type": "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
   const reply = await fetch(`${base}/v1/predict`, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers,
     body: JSON.stringify({ text, k }),
   });
   const body = await reply.json();
@@ -29,9 +32,10 @@ export class NextWordError extends Error {
 }
 
 export class NextWordSession {
-  constructor({ url = defaultUrl(), k = 3 } = {}) {
+  constructor({ url = defaultUrl(), k = 3, token = null } = {}) {
     this.url = url;
     this.k = k;
+    this.token = token; // read by the gateway from a socket's first message, never put in the URL
     this.sessionId = null;
     this._socket = null;
     this._waiting = []; // the resolve/reject of each request sent, in order: one reply each
@@ -52,6 +56,7 @@ export class NextWordSession {
   async _roundtrip(request) {
     const socket = await this._open();
     if (this.sessionId) request.session_id = this.sessionId; // read only by a new socket's first message
+    if (this.token) request.token = this.token;
     const reply = await new Promise((resolve, reject) => {
       this._waiting.push({ resolve, reject });
       socket.send(JSON.stringify(request));
