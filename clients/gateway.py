@@ -8,7 +8,8 @@ JSON to it and gRPC to the server, with the client library any Python program us
   is one request of one nextword session (the text is appended to what the session has
   read; ``reset`` starts over with it), answered by one message with the prediction and
   the session's id and seq; the first message may name a ``session_id`` to resume;
-* ``GET /`` the demo page and ``GET /nextword.js`` its client (an ES module, no build step).
+* ``GET /`` the demo page and ``GET /nextword.js`` its client (an ES module, no build step);
+* ``GET /metrics``: the gateway's own, for Prometheus (requests by route and answer, sockets).
 
 Every WebSocket is one ``AsyncSession`` of ``clients/client.py``, which resumes the
 session on another stream when the server restarts or a balancer moves it, replaying
@@ -28,13 +29,16 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import WSMsgType, web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from nextword.options import from_args, option
 
@@ -134,34 +138,59 @@ def _request(data: Any) -> tuple[str, int, bool]:
 
 
 async def predict(request: web.Request) -> web.Response:
-    options = request.app[OPTIONS_KEY]
-    if (request.content_length or 0) > options.max_message_bytes:
-        return web.json_response(_error("INVALID_ARGUMENT", "request too large"), status=413)
+    start = time.perf_counter()
+    body, status = await _predicted(request)
+    request.app[METRICS_KEY].answered("predict", body["error"]["code"] if "error" in body else "OK", start)
+    return web.json_response(body, status=status)
+
+
+async def _predicted(request: web.Request) -> tuple[dict[str, Any], int]:
+    if (request.content_length or 0) > request.app[OPTIONS_KEY].max_message_bytes:
+        return _error("INVALID_ARGUMENT", "request too large"), 413
     try:
         text, k, _ = _request(await request.json())
         metadata = request.app[PASS_KEY].metadata(_bearer(request))
     except (ValueError, json.JSONDecodeError) as exc:  # TokenRefused is a ValueError
-        return web.json_response(_error("INVALID_ARGUMENT", str(exc)), status=400)
+        return _error("INVALID_ARGUMENT", str(exc)), 400
     try:
         prediction = await request.app[CLIENT_KEY].predict(text, k, metadata=metadata)
     except grpc.RpcError as exc:
         body = _rpc_error(exc)
-        return web.json_response(body, status=_HTTP_STATUS.get(body["error"]["code"], 502))
-    return web.json_response(_prediction(prediction))
+        return body, _HTTP_STATUS.get(body["error"]["code"], 502)
+    return _prediction(prediction), 200
 
 
-class _Sockets:
-    """How many WebSocket sessions the gateway holds (``--max-sockets``)."""
+class GatewayMetrics:
+    """The gateway's own ``/metrics``: requests by route and answer, their time, sockets held."""
 
     def __init__(self) -> None:
-        self.open = 0
+        self.registry = CollectorRegistry()
+        self.open = 0  # WebSocket sessions held (``--max-sockets``)
+        self._answers = Counter(
+            "nextword_gateway_requests",
+            "Requests answered, by route and gRPC status name (OK, INVALID_ARGUMENT, ...)",
+            ["route", "code"],
+            registry=self.registry,
+        )
+        self._seconds = Histogram(
+            "nextword_gateway_request_duration_seconds",
+            "Time from a request's arrival to its answer, by route",
+            ["route"],
+            registry=self.registry,
+        )
+        sockets = Gauge("nextword_gateway_sockets", "WebSocket sessions held", registry=self.registry)
+        sockets.set_function(lambda: self.open)
+
+    def answered(self, route: str, code: str, start: float) -> None:
+        self._answers.labels(route, code).inc()
+        self._seconds.labels(route).observe(time.perf_counter() - start)
 
 
-SOCKETS_KEY: web.AppKey[_Sockets] = web.AppKey("sockets", _Sockets)
+METRICS_KEY: web.AppKey[GatewayMetrics] = web.AppKey("metrics", GatewayMetrics)
 
 
 async def session(request: web.Request) -> web.StreamResponse:
-    options, sockets = request.app[OPTIONS_KEY], request.app[SOCKETS_KEY]
+    options, sockets = request.app[OPTIONS_KEY], request.app[METRICS_KEY]
     if sockets.open >= options.max_sockets:
         return web.json_response(
             _error("RESOURCE_EXHAUSTED", "the gateway holds all the sessions it may"), status=503
@@ -175,6 +204,7 @@ async def session(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 break  # a binary frame, an error or a close: nothing more to answer
+            start = time.perf_counter()
             try:
                 data = json.loads(msg.data)
                 text, k, reset = _request(data)
@@ -183,6 +213,7 @@ async def session(request: web.Request) -> web.StreamResponse:
                     metadata = request.app[PASS_KEY].metadata(token)
             except (ValueError, json.JSONDecodeError) as exc:
                 await ws.send_json(_error("INVALID_ARGUMENT", str(exc)))
+                sockets.answered("session", "INVALID_ARGUMENT", start)
                 continue
             if stream is None:
                 named = data.get("session_id")
@@ -192,16 +223,23 @@ async def session(request: web.Request) -> web.StreamResponse:
             try:
                 prediction = await stream.send(text, reset=reset, k=k)
             except grpc.RpcError as exc:
-                await ws.send_json(_rpc_error(exc))
+                error = _rpc_error(exc)
+                await ws.send_json(error)
+                sockets.answered("session", error["error"]["code"], start)
                 if stream.closed:  # the server ended this stream: the next message resumes the session
                     resume, stream = stream.session_id, None
                 continue
             await ws.send_json(_prediction(prediction) | {"session_id": stream.session_id, "seq": stream.seq})
+            sockets.answered("session", "OK", start)
     finally:
         sockets.open -= 1
         if stream is not None:
             await stream.close()
     return ws
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(request.app[METRICS_KEY].registry), content_type="text/plain")
 
 
 async def page(request: web.Request) -> web.FileResponse:
@@ -214,11 +252,17 @@ async def script(request: web.Request) -> web.FileResponse:
 
 def make_app(client: AsyncNextWordClient, options: GatewayOptions, passing: Passing) -> web.Application:
     app = web.Application(client_max_size=options.max_message_bytes)
-    app[CLIENT_KEY], app[OPTIONS_KEY], app[SOCKETS_KEY], app[PASS_KEY] = client, options, _Sockets(), passing
+    app[CLIENT_KEY], app[OPTIONS_KEY], app[PASS_KEY], app[METRICS_KEY] = (
+        client,
+        options,
+        passing,
+        GatewayMetrics(),
+    )
     app.router.add_get("/", page)
     app.router.add_get("/nextword.js", script)
     app.router.add_post("/v1/predict", predict)
     app.router.add_get("/v1/session", session)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -231,8 +275,12 @@ async def serve(options: GatewayOptions, connection: ConnectionOptions) -> None:
     await site.start()
     port = runner.addresses[0][1]
     log.info("nextword gateway on http://%s:%d/ for the server at %s", options.host, port, connection.target)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("stopping: open sockets are closed (pages open new ones and resume their sessions)")
     finally:
         await runner.cleanup()
         await client.close()

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.clients.client import NextWordClient
 from tests.conftest import nextword_process, serve_process
@@ -77,9 +78,24 @@ def test_predict_over_http_answers_as_the_grpc_api(gateway: str, server: str) ->
     ],
 )
 def test_bad_requests_get_a_status_and_a_message(gateway: str, body: bytes, status: int, code: str) -> None:
+    before = _answers(gateway, code)
     got, reply = _post(f"{gateway}/v1/predict", body)
     assert (got, reply["error"]["code"]) == (status, code)
     assert reply["error"]["message"]
+    assert _answers(gateway, code) == before + 1  # counted in the gateway's /metrics
+
+
+def _answers(gateway: str, code: str) -> float:
+    with urllib.request.urlopen(f"{gateway}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "nextword_gateway_requests_total" and sample.labels == {
+                "route": "predict",
+                "code": code,
+            }:
+                return float(sample.value)
+    return 0.0
 
 
 async def test_a_websocket_is_one_session_answering_as_a_grpc_session(gateway: str, server: str) -> None:
