@@ -1,4 +1,4 @@
-"""Regenerate the Python stubs in nextword/v1/ from protos/ (the source of truth).
+"""Regenerate the Python stubs in nextword/v1/ (and KServe's descriptor set) from protos/.
 
     python scripts/gen_protos.py [OUT_DIR]
 
@@ -16,6 +16,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = "nextword/v1/nextword.proto"
+KSERVE = "inference/grpc_service.proto"
+KSERVE_DESC = "nextword/kserve/grpc_service.desc"
 
 
 def main(argv: list[str]) -> int:
@@ -32,7 +34,12 @@ def main(argv: list[str]) -> int:
         f"--grpc_python_out={out}",
         str(ROOT / "protos" / PROTO),
     ]
-    return int(protoc.main(args))
+    if protoc.main(args) != 0:
+        return 1
+    # KServe v2: a descriptor set, loaded by the server into a pool of its own (see the proto).
+    (Path(out) / KSERVE_DESC).parent.mkdir(parents=True, exist_ok=True)
+    kserve = ["protoc", f"-I{ROOT / 'protos'}", f"--descriptor_set_out={Path(out) / KSERVE_DESC}"]
+    return int(protoc.main([*kserve, str(ROOT / "protos" / KSERVE)]))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from nextword.bundle import Bundle, load_bundle
 from nextword.runtime import OnnxLM
 from nextword.v1 import nextword_pb2 as pb
 
-from . import reflection
+from . import kserve, reflection
 from .batcher import Batcher
 from .config import ANY_FREE_PORT, ServerConfig
 from .guard import Guard
@@ -377,6 +377,8 @@ async def _grpc_server(
             guard.handler(_service(health_pb2), health_servicer, public=True),
             guard.handler(_service(reflection_pb2), alpha, public=True),
             guard.handler(reflection.V1_SERVICE, v1, public=True),
+            # KServe v2 (Triton's clients): the same sessions, limits and credentials as NextWord.
+            guard.handler(kserve.SERVICE, kserve.KServeServicer(servicer)),
         )
     )
     address = f"{config.host}:{config.port}"

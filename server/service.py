@@ -152,6 +152,38 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
         return pb.PredictReply(prediction=step.prediction)
 
+    async def step(
+        self, context: grpc.aio.ServicerContext, session_id: str, request: pb.SessionRequest
+    ) -> pb.SessionReply:
+        """One request of a session outside a Session stream, for callers that keep no stream open
+        (KServe sequences, server/kserve.py): the session (``session_id``; empty: a new one) is
+        attached for this request only, with the same checks, limits and statuses as a stream's."""
+        await self._refuse_if_draining("Session", context)
+        if len(request.text) > self._max_text or request.k > self._max_k:
+            await self._validate("Session", context, request.text, request.k, "")
+        stream = await self._start_stream(context)
+        session: SessionRecord | None = None
+        try:
+            session = await self._open(context, session_id, stream)
+            return await self._answer(context, session, stream, request)
+        finally:
+            if session is not None:
+                self._sessions.detach(session, stream)
+            self._end_stream(stream)
+
+    def forget(self, session_id: str) -> None:
+        """Drop a session nobody will resume (a KServe sequence that ended)."""
+        if (session := self._sessions.find(session_id)) is not None and session.stream is None:
+            self._sessions.forget(session)
+
+    @property
+    def model_name(self) -> str:
+        return self._bundle.manifest.name
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     async def GetModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:

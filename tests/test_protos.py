@@ -16,3 +16,5 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
         fresh = (tmp_path / "nextword" / "v1" / name).read_text()
         committed = (ROOT / "nextword" / "v1" / name).read_text()
         assert fresh == committed, f"nextword/v1/{name} is stale: run python scripts/gen_protos.py"
+    desc = "nextword/kserve/grpc_service.desc"
+    assert (tmp_path / desc).read_bytes() == (ROOT / desc).read_bytes(), f"{desc} is stale: run gen_protos.py"

@@ -1,0 +1,260 @@
+"""The KServe v2 / Open Inference Protocol over gRPC (``inference.GRPCInferenceService``).
+
+Triton's clients (tritonclient, perf_analyzer, Model Analyzer) and other KServe v2 clients
+talk to nextword on the same port as ``nextword.v1``. The model takes one input and gives
+five outputs:
+
+* ``TEXT`` (BYTES, one element): the text typed since the last request;
+* ``WORDS`` / ``PROBS`` (BYTES / FP32, k each): the next-word suggestions;
+* ``COMPLETIONS`` / ``COMPLETION_PROBS``: completions of the word being typed (empty
+  between words), and ``PARTIAL`` (BYTES, one element): that unfinished word.
+
+``k`` is the request parameter ``k`` (default: the server's). Triton's sequence controls map
+onto nextword sessions: requests with the same ``sequence_id`` (a number or a string) are
+one session, begun by ``sequence_start`` and ended by ``sequence_end``; its state stays on
+the server between requests, so each costs one model step, exactly as a ``Session``
+stream's do (and answers the same). A request with no ``sequence_id`` is a ``Predict``.
+Sequences belong to the caller's principal: another caller's ``sequence_id`` is unknown to
+it. The messages come from ``protos/inference/grpc_service.proto``, loaded into a pool of
+their own (see the proto).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+from nextword.v1 import nextword_pb2 as pb
+
+from .security import PRINCIPAL
+from .service import NextWordServicer
+
+DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "nextword" / "kserve" / "grpc_service.desc"
+SERVICE_NAME = "inference.GRPCInferenceService"
+MODEL_VERSION = "1"
+MAX_SEQUENCES = 100_000  # sequence ids remembered per server (the session table bounds the sessions)
+
+
+def _service() -> ServiceDescriptor:
+    files = descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTOR_SET.read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    return pool.FindServiceByName(SERVICE_NAME)
+
+
+SERVICE = _service()
+
+
+def _message(name: str) -> Any:
+    return message_factory.GetMessageClass(SERVICE.file.pool.FindMessageTypeByName(f"inference.{name}"))
+
+
+class Invalid(Exception):
+    """A request this protocol's rules refuse; the message says what to send instead."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _bytes_tensor(items: list[bytes]) -> bytes:
+    """Triton's raw BYTES layout: each element as a 4-byte little-endian length and its bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+Tensor = tuple[str, list[int], bytes]  # an output's datatype, shape and raw contents
+
+
+def _words(suggestions: Any) -> Tensor:
+    return "BYTES", [len(suggestions)], _bytes_tensor([s.word.encode() for s in suggestions])
+
+
+def _probs(suggestions: Any) -> Tensor:
+    return "FP32", [len(suggestions)], struct.pack(f"<{len(suggestions)}f", *(s.prob for s in suggestions))
+
+
+def _first_bytes(raw: bytes) -> bytes:
+    """The only element of a raw BYTES tensor of one element; Invalid otherwise."""
+    if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
+        raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, "input TEXT: one BYTES element of the text typed")
+    return raw[4:]
+
+
+def _parameter(request: Any, name: str) -> Any:
+    """A request parameter's value (whichever of its kinds was sent), or None."""
+    if name not in request.parameters:
+        return None
+    param = request.parameters[name]
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind else None
+
+
+class KServeServicer:
+    """``inference.GRPCInferenceService`` answered by the NextWord servicer's own session steps."""
+
+    def __init__(self, nextword: NextWordServicer) -> None:
+        self._nextword = nextword
+        self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()  # (principal, id) -> session
+        self._response = _message("ModelInferResponse")
+        self._stream_response = _message("ModelStreamInferResponse")
+        self._tensor = _message("ModelMetadataResponse.TensorMetadata")
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _message("ServerLiveResponse")(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return _message("ServerReadyResponse")(ready=not self._nextword.draining)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ready = self._serves(request.name, request.version) and not self._nextword.draining
+        return _message("ModelReadyResponse")(ready=ready)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            release = version("nextword")
+        except PackageNotFoundError:
+            release = "unknown"
+        return _message("ServerMetadataResponse")(name="nextword", version=release, extensions=["sequence"])
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not self._serves(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.name, request.version))
+        t = self._tensor
+        return _message("ModelMetadataResponse")(
+            name=self._nextword.model_name,
+            versions=[MODEL_VERSION],
+            platform="nextword",
+            inputs=[t(name="TEXT", datatype="BYTES", shape=[1])],
+            outputs=[
+                t(name="WORDS", datatype="BYTES", shape=[-1]),
+                t(name="PROBS", datatype="FP32", shape=[-1]),
+                t(name="COMPLETIONS", datatype="BYTES", shape=[-1]),
+                t(name="COMPLETION_PROBS", datatype="FP32", shape=[-1]),
+                t(name="PARTIAL", datatype="BYTES", shape=[1]),
+            ],
+        )
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self._infer(request, context)
+        except Invalid as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Each request answered in order; one refused gets an error_message, and the stream goes on."""
+        async for request in requests:
+            try:
+                yield self._stream_response(infer_response=await self._infer(request, context))
+            except Invalid as exc:
+                yield self._stream_response(error_message=f"{exc.code.name}: {exc}")
+
+    # ---- one inference ------------------------------------------------------------------
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if not self._serves(request.model_name, request.model_version):
+            raise Invalid(
+                grpc.StatusCode.NOT_FOUND, self._unknown_model(request.model_name, request.model_version)
+            )
+        text = self._text(request)
+        k = _parameter(request, "k")
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
+            raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, 'parameter "k" must be a whole number, 0 or more')
+        ask = pb.SessionRequest(text=text, k=k or 0)
+        sequence = _parameter(request, "sequence_id")
+        if sequence in (None, 0, ""):
+            prediction = (
+                await self._nextword.Predict(pb.PredictRequest(text=text, k=k or 0), context)
+            ).prediction
+        else:
+            prediction = await self._sequence_step(context, str(sequence), ask, request)
+        return self._answer(request, prediction)
+
+    async def _sequence_step(
+        self, context: grpc.aio.ServicerContext, sequence: str, ask: pb.SessionRequest, request: Any
+    ) -> pb.Prediction:
+        key = (PRINCIPAL.get(), sequence)
+        start, end = bool(_parameter(request, "sequence_start")), bool(_parameter(request, "sequence_end"))
+        if start:
+            self._drop(key)
+        elif key not in self._sequences:
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"sequence {sequence} was not started: send sequence_start=true on its first request",
+            )
+        reply = await self._nextword.step(context, self._sequences.get(key, ""), ask)
+        self._sequences[key] = reply.session_id
+        self._sequences.move_to_end(key)
+        while len(self._sequences) > MAX_SEQUENCES:
+            self._sequences.popitem(last=False)
+        if end:
+            self._drop(key)
+        return reply.prediction
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        if (session_id := self._sequences.pop(key, None)) is not None:
+            self._nextword.forget(session_id)
+
+    def _text(self, request: Any) -> str:
+        names = [t.name for t in request.inputs]
+        if names != ["TEXT"]:
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT, f"inputs {names}: this model takes one, TEXT (BYTES)"
+            )
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES" or list(tensor.shape) not in ([1], [1, 1]):
+            raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, "input TEXT: datatype BYTES, shape [1]")
+        if request.raw_input_contents:
+            data = _first_bytes(request.raw_input_contents[0])
+        elif len(tensor.contents.bytes_contents) == 1:
+            data = tensor.contents.bytes_contents[0]
+        else:
+            raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, "input TEXT: one BYTES element of the text typed")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT, f"input TEXT is not UTF-8 ({exc.reason})"
+            ) from exc
+
+    def _answer(self, request: Any, p: pb.Prediction) -> Any:
+        outputs = {
+            "WORDS": _words(p.suggestions),
+            "PROBS": _probs(p.suggestions),
+            "COMPLETIONS": _words(p.completions),
+            "COMPLETION_PROBS": _probs(p.completions),
+            "PARTIAL": ("BYTES", [1], _bytes_tensor([p.partial.encode()])),
+        }
+        wanted = [o.name for o in request.outputs] or list(outputs)
+        unknown = [name for name in wanted if name not in outputs]
+        if unknown:
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"outputs {unknown} unknown; this model gives {list(outputs)}",
+            )
+        response = self._response(
+            model_name=self._nextword.model_name, model_version=MODEL_VERSION, id=request.id
+        )
+        for name in wanted:
+            datatype, shape, raw = outputs[name]
+            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            response.raw_output_contents.append(raw)
+        return response
+
+    def _serves(self, name: str, model_version: str) -> bool:
+        return name == self._nextword.model_name and model_version in ("", MODEL_VERSION)
+
+    def _unknown_model(self, name: str, model_version: str) -> str:
+        return (
+            f"model {name!r} version {model_version or 'any'!r} is not served here; this server serves "
+            f"{self._nextword.model_name!r} version {MODEL_VERSION}"
+        )

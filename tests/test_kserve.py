@@ -1,0 +1,149 @@
+"""The KServe v2 protocol, driven by Triton's own client (tritonclient) against a real server."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+from nextword.bundle import load_bundle
+from nextword.clients.client import NextWordClient
+from tests.conftest import serve_process
+
+PIECES = [
+    "it was the best ",
+    "of times, it ",
+    "was the worst of ",
+    "ti",
+    "mes, it was ",
+    "the age ",
+    "of wis",
+    "dom, ",
+    "it was ",
+    "the age of ",
+]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_bundle: Path) -> Iterator[str]:
+    with serve_process(tiny_bundle) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bundle: Path) -> str:
+    return load_bundle(tiny_bundle).manifest.name
+
+
+@pytest.fixture
+def client(target: str) -> Iterator[Any]:
+    c = triton.InferenceServerClient(target)
+    yield c
+    c.close()
+
+
+def _text(piece: str) -> list[Any]:
+    tensor = triton.InferInput("TEXT", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([piece.encode()], dtype=object))
+    return [tensor]
+
+
+def _words(result: Any, name: str = "WORDS") -> list[str]:
+    return [w.decode() for w in result.as_numpy(name)]
+
+
+def test_health_and_metadata(client: Any, model: str) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(model) and client.is_model_ready(model, "1")
+    assert not client.is_model_ready("some-other-model")
+    meta = client.get_model_metadata(model)
+    assert meta.name == model and list(meta.versions) == ["1"]
+    assert [(t.name, t.datatype) for t in meta.inputs] == [("TEXT", "BYTES")]
+    assert [t.name for t in meta.outputs] == ["WORDS", "PROBS", "COMPLETIONS", "COMPLETION_PROBS", "PARTIAL"]
+    assert "sequence" in client.get_server_metadata().extensions
+
+
+@pytest.mark.parametrize("sequence_id", [42, "typist-7"])
+def test_a_sequence_answers_as_a_nextword_session(
+    client: Any, model: str, target: str, sequence_id: Any
+) -> None:
+    got = []
+    for i, piece in enumerate(PIECES):
+        result = client.infer(
+            model,
+            _text(piece),
+            sequence_id=sequence_id,
+            sequence_start=i == 0,
+            sequence_end=i == len(PIECES) - 1,
+            parameters={"k": 3},
+        )
+        got.append((_words(result), result.as_numpy("PROBS").tolist(), _words(result, "COMPLETIONS")))
+    with NextWordClient(target) as nw, nw.session(k=3) as session:
+        expected = []
+        for piece in PIECES:
+            p = session.send(piece)
+            expected.append(
+                (
+                    [s.word for s in p.suggestions],
+                    [s.prob for s in p.suggestions],
+                    [s.word for s in p.completions],
+                )
+            )
+    for (words, probs, completions), (e_words, e_probs, e_completions) in zip(got, expected, strict=True):
+        assert (words, completions) == (e_words, e_completions)
+        np.testing.assert_allclose(probs, e_probs, rtol=1e-6)
+    # The sequence ended: a request without sequence_start is refused, and says what to send.
+    with pytest.raises(InferenceServerException, match="sequence_start"):
+        client.infer(model, _text("more "), sequence_id=sequence_id)
+
+
+def test_no_sequence_is_a_predict(client: Any, model: str, target: str) -> None:
+    result = client.infer(model, _text("it was the best of ti"), parameters={"k": 3})
+    with NextWordClient(target) as nw:
+        expected = nw.predict("it was the best of ti", 3)
+    assert _words(result) == expected.words
+    assert _words(result, "PARTIAL") == ["ti"]
+    assert _words(result, "COMPLETIONS") == [s.word for s in expected.completions]
+
+
+def test_streamed_sequences_keep_apart(client: Any, model: str) -> None:
+    """Two sequences interleaved on one ModelStreamInfer stream, each answered as if alone."""
+    answers: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, piece in enumerate(PIECES[:4]):
+            for sequence in (1, 2):
+                text = piece if sequence == 1 else PIECES[i + 4]
+                client.async_stream_infer(model, _text(text), sequence_id=sequence, sequence_start=i == 0)
+        replies = [answers.get(timeout=20) for _ in range(8)]
+    finally:
+        client.stop_stream()
+    assert all(error is None for _, error in replies), replies
+    alone = [
+        [
+            _words(client.infer(model, _text(p), sequence_id=s + 10, sequence_start=j == 0))
+            for j, p in enumerate(texts)
+        ]
+        for s, texts in ((1, PIECES[:4]), (2, PIECES[4:8]))
+    ]
+    streamed = [[_words(r) for r, _ in replies[s::2]] for s in (0, 1)]
+    assert streamed == alone
+
+
+def test_bad_requests_get_a_status_and_a_message(client: Any, model: str) -> None:
+    with pytest.raises(InferenceServerException) as unknown:
+        client.infer("no-such-model", _text("a "))
+    assert unknown.value.status() == "StatusCode.NOT_FOUND" and model in unknown.value.message()
+    wrong = triton.InferInput("IMAGE", [1], "FP32")
+    wrong.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="TEXT") as bad:
+        client.infer(model, [wrong])
+    assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException, match="max-text-chars"):
+        client.infer(model, _text("x" * 10_000))
