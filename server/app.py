@@ -378,7 +378,7 @@ async def _grpc_server(
             guard.handler(_service(reflection_pb2), alpha, public=True),
             guard.handler(reflection.V1_SERVICE, v1, public=True),
             # KServe v2 (Triton's clients): the same sessions, limits and credentials as NextWord.
-            guard.handler(kserve.SERVICE, kserve.KServeServicer(servicer)),
+            guard.handler(kserve.SERVICE, kserve.KServeServicer(servicer, config.session_ttl)),
         )
     )
     address = f"{config.host}:{config.port}"

@@ -101,8 +101,10 @@ def _parameter(request: Any, name: str) -> Any:
 class KServeServicer:
     """``inference.GRPCInferenceService`` answered by the NextWord servicer's own session steps."""
 
-    def __init__(self, nextword: NextWordServicer) -> None:
+    def __init__(self, nextword: NextWordServicer, idle_s: float) -> None:
         self._nextword = nextword
+        self._idle_s = idle_s  # how long a sequence's session is kept between requests (--session-ttl)
+        self._types = SERVICE.file.pool.FindEnumTypeByName("inference.DataType")
         self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()  # (principal, id) -> session
         self._response = _message("ModelInferResponse")
         self._stream_response = _message("ModelStreamInferResponse")
@@ -142,6 +144,31 @@ class KServeServicer:
                 t(name="PARTIAL", datatype="BYTES", shape=[1]),
             ],
         )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's model configuration, as perf_analyzer reads it: a sequence model, no batch axis."""
+        if not self._serves(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.name, request.version))
+        string, fp32 = (self._types.values_by_name[n].number for n in ("TYPE_STRING", "TYPE_FP32"))
+        out = _message("ModelOutput")
+        config = _message("ModelConfig")(
+            name=self._nextword.model_name,
+            platform="nextword",
+            backend="nextword",
+            max_batch_size=0,
+            input=[_message("ModelInput")(name="TEXT", data_type=string, dims=[1])],
+            output=[
+                out(name="WORDS", data_type=string, dims=[-1]),
+                out(name="PROBS", data_type=fp32, dims=[-1]),
+                out(name="COMPLETIONS", data_type=string, dims=[-1]),
+                out(name="COMPLETION_PROBS", data_type=fp32, dims=[-1]),
+                out(name="PARTIAL", data_type=string, dims=[1]),
+            ],
+            sequence_batching=_message("ModelSequenceBatching")(
+                max_sequence_idle_microseconds=round(self._idle_s * 1e6)
+            ),
+        )
+        return _message("ModelConfigResponse")(config=config)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -67,6 +67,10 @@ def test_health_and_metadata(client: Any, model: str) -> None:
     assert [(t.name, t.datatype) for t in meta.inputs] == [("TEXT", "BYTES")]
     assert [t.name for t in meta.outputs] == ["WORDS", "PROBS", "COMPLETIONS", "COMPLETION_PROBS", "PARTIAL"]
     assert "sequence" in client.get_server_metadata().extensions
+    # Triton's model configuration, as perf_analyzer reads it: a sequence model, no batch axis.
+    config = client.get_model_config(model).config
+    assert config.name == model and config.max_batch_size == 0 and config.HasField("sequence_batching")
+    assert [(i.name, list(i.dims)) for i in config.input] == [("TEXT", [1])]
 
 
 @pytest.mark.parametrize("sequence_id", [42, "typist-7"])
