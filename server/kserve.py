@@ -21,6 +21,8 @@ their own (see the proto).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import struct
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -179,12 +181,52 @@ class KServeServicer:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        """Each request answered in order; one refused gets an error_message, and the stream goes on."""
-        async for request in requests:
+        """Requests run as they arrive, side by side (so the steps of different sequences share
+        model calls, as Triton's clients expect of one stream carrying many), each sequence's in
+        its order; answers go out as they are ready, each naming its request's ``id``. One
+        refused gets an error_message, and the stream goes on."""
+        answers: asyncio.Queue[Any] = asyncio.Queue()
+        last: dict[tuple[str, str], asyncio.Task[None]] = {}  # each sequence's latest request
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
+            if after is not None:
+                await asyncio.wait([after])  # the sequence's previous request first
             try:
-                yield self._stream_response(infer_response=await self._infer(request, context))
+                await answers.put(self._stream_response(infer_response=await self._infer(request, context)))
             except Invalid as exc:
-                yield self._stream_response(error_message=f"{exc.code.name}: {exc}")
+                await answers.put(self._stream_response(error_message=f"{exc.code.name}: {exc}"))
+            except BaseException as exc:  # the call is ending (an abort, a cancel): say so below
+                await answers.put(exc)
+
+        def finished(key: tuple[str, str] | None, task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            if key is not None and last.get(key) is task:
+                del last[key]  # the sequence has nothing in flight on this stream
+
+        async def read() -> None:
+            async for request in requests:
+                sequence = _parameter(request, "sequence_id")
+                key = (PRINCIPAL.get(), str(sequence)) if sequence not in (None, 0, "") else None
+                task = asyncio.ensure_future(answer(request, last.get(key) if key else None))
+                running.add(task)
+                task.add_done_callback(functools.partial(finished, key))
+                if key is not None:
+                    last[key] = task
+            if running:
+                await asyncio.wait(running)
+            await answers.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (item := await answers.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            await reader  # its own failure, if any
+        finally:
+            for task in [reader, *running]:
+                task.cancel()
 
     # ---- one inference ------------------------------------------------------------------
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -117,27 +117,32 @@ def test_no_sequence_is_a_predict(client: Any, model: str, target: str) -> None:
 
 
 def test_streamed_sequences_keep_apart(client: Any, model: str) -> None:
-    """Two sequences interleaved on one ModelStreamInfer stream, each answered as if alone."""
+    """Two sequences interleaved on one ModelStreamInfer stream: the requests run side by side and
+    the answers may come in any order, but each sequence's are those it gets alone."""
     answers: queue.Queue[Any] = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    texts = {1: PIECES[:4], 2: PIECES[4:8]}
     try:
-        for i, piece in enumerate(PIECES[:4]):
-            for sequence in (1, 2):
-                text = piece if sequence == 1 else PIECES[i + 4]
-                client.async_stream_infer(model, _text(text), sequence_id=sequence, sequence_start=i == 0)
+        for i in range(4):
+            for sequence, pieces in texts.items():
+                client.async_stream_infer(
+                    model,
+                    _text(pieces[i]),
+                    request_id=f"{sequence}-{i}",
+                    sequence_id=sequence,
+                    sequence_start=i == 0,
+                )
         replies = [answers.get(timeout=20) for _ in range(8)]
     finally:
         client.stop_stream()
     assert all(error is None for _, error in replies), replies
-    alone = [
-        [
-            _words(client.infer(model, _text(p), sequence_id=s + 10, sequence_start=j == 0))
-            for j, p in enumerate(texts)
+    by_id = {r.get_response().id: _words(r) for r, _ in replies}
+    for sequence, pieces in texts.items():
+        alone = [
+            _words(client.infer(model, _text(p), sequence_id=sequence + 10, sequence_start=j == 0))
+            for j, p in enumerate(pieces)
         ]
-        for s, texts in ((1, PIECES[:4]), (2, PIECES[4:8]))
-    ]
-    streamed = [[_words(r) for r, _ in replies[s::2]] for s in (0, 1)]
-    assert streamed == alone
+        assert [by_id[f"{sequence}-{i}"] for i in range(4)] == alone
 
 
 def test_bad_requests_get_a_status_and_a_message(client: Any, model: str) -> None:
