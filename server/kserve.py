@@ -38,6 +38,7 @@ from nextword.v1 import nextword_pb2 as pb
 
 from .security import PRINCIPAL
 from .service import NextWordServicer
+from .session import Stream
 
 DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "nextword" / "kserve" / "grpc_service.desc"
 SERVICE_NAME = "inference.GRPCInferenceService"
@@ -173,10 +174,13 @@ class KServeServicer:
         return _message("ModelConfigResponse")(config=config)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        held = await self._nextword.hold(context)
         try:
-            return await self._infer(request, context)
+            return await self._infer(request, context, held)
         except Invalid as exc:
             await context.abort(exc.code, str(exc))
+        finally:
+            self._nextword.release(held)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -189,11 +193,14 @@ class KServeServicer:
         last: dict[tuple[str, str], asyncio.Task[None]] = {}  # each sequence's latest request
         running: set[asyncio.Task[None]] = set()
 
-        async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
+        open_sequences: set[tuple[str, str]] = set()  # begun on this stream and not ended
+
+        async def answer(request: Any, after: asyncio.Task[None] | None, shared: bool) -> None:
             if after is not None:
                 await asyncio.wait([after])  # the sequence's previous request first
             try:
-                await answers.put(self._stream_response(infer_response=await self._infer(request, context)))
+                response = await self._infer(request, context, held, shared)
+                await answers.put(self._stream_response(infer_response=response))
             except Invalid as exc:
                 await answers.put(self._stream_response(error_message=f"{exc.code.name}: {exc}"))
             except BaseException as exc:  # the call is ending (an abort, a cancel): say so below
@@ -208,7 +215,13 @@ class KServeServicer:
             async for request in requests:
                 sequence = _parameter(request, "sequence_id")
                 key = (PRINCIPAL.get(), str(sequence)) if sequence not in (None, 0, "") else None
-                task = asyncio.ensure_future(answer(request, last.get(key) if key else None))
+                if key is not None:
+                    if _parameter(request, "sequence_end"):
+                        open_sequences.discard(key)
+                    else:
+                        open_sequences.add(key)
+                shared = len(open_sequences) > 1
+                task = asyncio.ensure_future(answer(request, last.get(key) if key else None, shared))
                 running.add(task)
                 task.add_done_callback(functools.partial(finished, key))
                 if key is not None:
@@ -217,6 +230,7 @@ class KServeServicer:
                 await asyncio.wait(running)
             await answers.put(None)
 
+        held = await self._nextword.hold(context)  # one open stream, whatever it carries
         reader = asyncio.ensure_future(read())
         try:
             while (item := await answers.get()) is not None:
@@ -227,9 +241,12 @@ class KServeServicer:
         finally:
             for task in [reader, *running]:
                 task.cancel()
+            self._nextword.release(held)
 
     # ---- one inference ------------------------------------------------------------------
-    async def _infer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def _infer(
+        self, request: Any, context: grpc.aio.ServicerContext, held: Stream, shared: bool = False
+    ) -> Any:
         if not self._serves(request.model_name, request.model_version):
             raise Invalid(
                 grpc.StatusCode.NOT_FOUND, self._unknown_model(request.model_name, request.model_version)
@@ -245,11 +262,17 @@ class KServeServicer:
                 await self._nextword.Predict(pb.PredictRequest(text=text, k=k or 0), context)
             ).prediction
         else:
-            prediction = await self._sequence_step(context, str(sequence), ask, request)
+            prediction = await self._sequence_step(context, str(sequence), ask, request, held, shared)
         return self._answer(request, prediction)
 
     async def _sequence_step(
-        self, context: grpc.aio.ServicerContext, sequence: str, ask: pb.SessionRequest, request: Any
+        self,
+        context: grpc.aio.ServicerContext,
+        sequence: str,
+        ask: pb.SessionRequest,
+        request: Any,
+        held: Stream,
+        shared: bool,
     ) -> pb.Prediction:
         key = (PRINCIPAL.get(), sequence)
         start, end = bool(_parameter(request, "sequence_start")), bool(_parameter(request, "sequence_end"))
@@ -260,7 +283,9 @@ class KServeServicer:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"sequence {sequence} was not started: send sequence_start=true on its first request",
             )
-        reply = await self._nextword.step(context, self._sequences.get(key, ""), ask)
+        reply = await self._nextword.step(
+            context, self._sequences.get(key, ""), ask, held=held, shared=shared
+        )
         self._sequences[key] = reply.session_id
         self._sequences.move_to_end(key)
         while len(self._sequences) > MAX_SEQUENCES:

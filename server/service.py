@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -38,6 +39,10 @@ REFUSED_DRAINING = (
     "the server is shutting down and takes no new calls: retry on another server, "
     "or here once it has restarted"
 )
+
+
+# Set by ``step`` for a request whose stream carries several sessions (see ``_apply_text``).
+SHARED_STREAM: contextvars.ContextVar[bool] = contextvars.ContextVar("shared_stream", default=False)
 
 
 @dataclass(frozen=True)
@@ -153,23 +158,36 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         return pb.PredictReply(prediction=step.prediction)
 
     async def step(
-        self, context: grpc.aio.ServicerContext, session_id: str, request: pb.SessionRequest
+        self,
+        context: grpc.aio.ServicerContext,
+        session_id: str,
+        request: pb.SessionRequest,
+        *,
+        held: Stream,
+        shared: bool = False,
     ) -> pb.SessionReply:
-        """One request of a session outside a Session stream, for callers that keep no stream open
-        (KServe sequences, server/kserve.py): the session (``session_id``; empty: a new one) is
-        attached for this request only, with the same checks, limits and statuses as a stream's."""
+        """One request of a session outside a Session stream, for calls of other protocols (KServe
+        sequences, server/kserve.py): the session (``session_id``; empty: a new one) is attached
+        to the caller's ``held`` stream for this request only, with the same checks, limits and
+        statuses as a Session stream's. ``shared``: that call carries other sessions too, so the
+        step is batched with theirs rather than run alone."""
+        SHARED_STREAM.set(shared)  # this task's own: its steps only
         await self._refuse_if_draining("Session", context)
         if len(request.text) > self._max_text or request.k > self._max_k:
             await self._validate("Session", context, request.text, request.k, "")
-        stream = await self._start_stream(context)
-        session: SessionRecord | None = None
+        session = await self._open(context, session_id, held)
         try:
-            session = await self._open(context, session_id, stream)
-            return await self._answer(context, session, stream, request)
+            return await self._answer(context, session, held, request)
         finally:
-            if session is not None:
-                self._sessions.detach(session, stream)
-            self._end_stream(stream)
+            self._sessions.detach(session, held)
+
+    async def hold(self, context: grpc.aio.ServicerContext) -> Stream:
+        """Count a call of another protocol as an open stream while it lasts (``release`` it): the
+        batcher runs a step alone, inline, only when one stream is open in all."""
+        return await self._start_stream(context)
+
+    def release(self, stream: Stream) -> None:
+        self._end_stream(stream)
 
     def forget(self, session_id: str) -> None:
         """Drop a session nobody will resume (a KServe sequence that ended)."""
@@ -447,7 +465,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
-        lone = session is not None and len(self._streams) == 1  # nobody to batch with: no thread hops
+        # Nobody to batch with: no thread hops. (A KServe stream carrying several sequences has
+        # one step open at a time here, yet its next requests are waiting to share the call.)
+        lone = session is not None and len(self._streams) == 1 and not SHARED_STREAM.get()
         scores, slot = await self._model(ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone)
         context_tokens += len(tokens)
         prediction = self._ranker.predict(
