@@ -113,10 +113,12 @@ def healthcheck_command(path: Path) -> list[str]:
     return command
 
 
-def project_dependencies() -> list[str]:
+def project_dependencies(extra: str = "") -> list[str]:
+    """pyproject.toml's base dependencies, or those of ``extra``."""
     import tomllib
 
-    deps: list[str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps: list[str] = project["optional-dependencies"][extra] if extra else project["dependencies"]
     return deps
 
 
@@ -169,7 +171,10 @@ def test_compose_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
 
 
 def test_compose_default_services_and_profiles() -> None:
-    assert set(services(None)) == {"server", "prometheus", "grafana"}
+    assert set(services(None)) == {"server", "gateway", "prometheus", "grafana"}
+    gateway = services(None)["gateway"]
+    assert gateway["image"] == services(None)["server"]["image"]  # the same image, another command
+    assert gateway["entrypoint"][:2] == ["nextword", "gateway"] and "server:50051" in gateway["entrypoint"]
     assert set(services("gpu")) == {"server-gpu"}
     assert set(services("replicas")) == {"replica-1", "replica-2", "redis", "balancer", "prometheus-replicas"}
     # Every service of every profile at once: no host port published twice.
@@ -274,7 +279,8 @@ def test_cpu_dockerfile_requirements_swap_onnxruntime_gpu_for_onnxruntime() -> N
     deps = project_dependencies()
     [cpu_pin] = [d.split(";")[0].strip() for d in deps if dist_name(d) == "onnxruntime"]
     assert cpu_pin in requirements and re.fullmatch(r"onnxruntime==\d+\.\d+\.\d+", cpu_pin)
-    assert set(names) == {dist_name(d) for d in deps} - {"onnxruntime-gpu"}
+    web = project_dependencies("web")  # the gateway's
+    assert set(names) == {dist_name(d) for d in [*deps, *web]} - {"onnxruntime-gpu"}
 
 
 def test_cpu_dockerfile_installs_no_onnxruntime_gpu_and_no_torch() -> None:
