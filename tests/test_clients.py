@@ -396,7 +396,7 @@ def test_deploy_configs_parse_and_reference_metrics() -> None:
     yaml = pytest.importorskip("yaml")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     default = {name for name, svc in compose["services"].items() if "profiles" not in svc}
-    assert default == {"server", "prometheus", "grafana"}  # profiles add more: tests/test_deploy.py
+    assert default == {"server", "gateway", "prometheus", "grafana"}  # profiles: tests/test_deploy.py
     assert compose["services"]["server"]["build"]["dockerfile"] == "docker/Dockerfile"
     prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     job = prom["scrape_configs"][0]
