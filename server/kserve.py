@@ -286,7 +286,9 @@ class KServeServicer:
         reply = await self._nextword.step(
             context, self._sequences.get(key, ""), ask, held=held, shared=shared
         )
-        self._sequences[key] = reply.session_id
+        # A session that has read nothing yet is not kept (server/session.py: detach); the
+        # sequence then starts its session with its first text, as a new Session stream would.
+        self._sequences[key] = reply.session_id if self._nextword.holds(reply.session_id) else ""
         self._sequences.move_to_end(key)
         while len(self._sequences) > MAX_SEQUENCES:
             self._sequences.popitem(last=False)

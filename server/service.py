@@ -189,6 +189,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     def release(self, stream: Stream) -> None:
         self._end_stream(stream)
 
+    def holds(self, session_id: str) -> bool:
+        """Whether this process keeps the session ``session_id`` now."""
+        return self._sessions.find(session_id) is not None
+
     def forget(self, session_id: str) -> None:
         """Drop a session nobody will resume (a KServe sequence that ended)."""
         if (session := self._sessions.find(session_id)) is not None and session.stream is None:

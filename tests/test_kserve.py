@@ -107,6 +107,18 @@ def test_a_sequence_answers_as_a_nextword_session(
         client.infer(model, _text("more "), sequence_id=sequence_id)
 
 
+def test_a_sequence_may_begin_with_no_text(client: Any, model: str, target: str) -> None:
+    """An empty first request (a sequence opened before anything is typed) answers what a new
+    session knows, and the sequence goes on from there."""
+    pieces = ["", *PIECES[:3]]
+    got = [
+        _words(client.infer(model, _text(p), sequence_id=99, sequence_start=i == 0, parameters={"k": 3}))
+        for i, p in enumerate(pieces)
+    ]
+    with NextWordClient(target) as nw, nw.session(k=3) as session:
+        assert got == [session.send(p).words for p in pieces]
+
+
 def test_no_sequence_is_a_predict(client: Any, model: str, target: str) -> None:
     result = client.infer(model, _text("it was the best of ti"), parameters={"k": 3})
     with NextWordClient(target) as nw:
