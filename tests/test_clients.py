@@ -399,8 +399,9 @@ def test_deploy_configs_parse_and_reference_metrics() -> None:
     assert default == {"server", "gateway", "prometheus", "grafana"}  # profiles: tests/test_deploy.py
     assert compose["services"]["server"]["build"]["dockerfile"] == "docker/Dockerfile"
     prom = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
-    job = prom["scrape_configs"][0]
+    job, gateway = prom["scrape_configs"]
     assert job["static_configs"][0]["targets"] == ["server:9100"] and job["scrape_interval"] == "5s"
+    assert gateway["static_configs"][0]["targets"] == ["gateway:8081"]  # the gateway's own /metrics
     for f in (ROOT / "deploy/grafana/provisioning").rglob("*.yml"):
         assert yaml.safe_load(f.read_text())["apiVersion"] == 1
 
