@@ -32,7 +32,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from nextword.options import from_args, option
 
-from .channel import Credentials, CredentialsError, is_loopback_target
+from .channel import Credentials, CredentialsError
 from .client import AsyncNextWordClient, AsyncSession, Metadata, Prediction
 from .connection import ConnectionOptions
 
@@ -63,7 +63,10 @@ class GatewayOptions:
 
 
 def _prediction(p: Prediction) -> dict[str, Any]:
-    return p.to_json_dict() | {"completions": p.to_json_dict().get("completions", [])}
+    """``nextword predict --json``'s object, with ``completions`` always there (empty between words)."""
+    out = p.to_json_dict()
+    out.setdefault("completions", [])
+    return out
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -100,8 +103,10 @@ class Passing:
     def of(cls, target: str, own: Credentials) -> Passing:
         if own.token is not None:
             return cls("this gateway calls the server as its own principal (--token-file): send no token")
-        if not (own.tls or target.startswith("unix:") or is_loopback_target(target)):
-            return cls(f"this gateway reaches {target} without TLS: it passes no token on in clear")
+        try:  # the client library's own rule for where a token may go
+            replace(own, token="any").channel_credentials(target)
+        except CredentialsError as exc:
+            return cls(f"this gateway passes no token on: {exc}")
         return cls()
 
     def metadata(self, token: str | None) -> Metadata:

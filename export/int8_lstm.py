@@ -79,7 +79,7 @@ def _bound(name: str, producers: dict[str, onnx.NodeProto], tables: dict[str, Te
     return None
 
 
-def _int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def int8_columns(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``w`` [rows, cols] as int8 and one scale per column (symmetric, zero point 0)."""
     scale = np.abs(w).max(axis=0) / 127
     scale[scale == 0] = 1.0
@@ -102,8 +102,8 @@ def _constants(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The rewrite's constants: those of the whole sequence, and the Scan body's own (a body that
     names only its own constants stands alone)."""
-    wq, w_scale = _int8_columns(W.T)
-    rq, r_scale = _int8_columns(R.T)
+    wq, w_scale = int8_columns(W.T)
+    rq, r_scale = int8_columns(R.T)
     x_scale = np.float32(max(bound, 1e-12) / 127)
     h_scale = np.float32(_UNIT / 127)
     outer = {

@@ -63,7 +63,7 @@ from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
 
 from .config import QuantizeConfig
-from .int8_lstm import int8_lstms
+from .int8_lstm import int8_columns, int8_lstms
 
 QUANTIZED_OPS = ["Gemm", "MatMul"]  # by onnxruntime; embedding Gathers are rewritten here
 WEIGHTS = "weights.bin"
@@ -237,13 +237,11 @@ def _int8_rows(graph: onnx.GraphProto, table: TensorProto) -> tuple[str, str]:
             and np.all(np.abs(rows * scale[:, None] - w) <= scale[:, None] * 0.5001 + 1e-12)
         ):
             return q.name, s.name
-    scale = np.abs(w).max(axis=1) / 127
-    scale[scale == 0] = 1.0
-    rows = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8)
+    columns, scale = int8_columns(w.T)  # a row of the table is a column of its transpose
     graph.initializer.extend(
         [
-            numpy_helper.from_array(rows, f"{table.name}_rows_int8"),
-            numpy_helper.from_array(scale.astype(np.float32), f"{table.name}_rows_scale"),
+            numpy_helper.from_array(np.ascontiguousarray(columns.T), f"{table.name}_rows_int8"),
+            numpy_helper.from_array(scale, f"{table.name}_rows_scale"),
         ]
     )
     return f"{table.name}_rows_int8", f"{table.name}_rows_scale"

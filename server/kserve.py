@@ -44,6 +44,16 @@ DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "nextword" / "kserve" / "
 SERVICE_NAME = "inference.GRPCInferenceService"
 MODEL_VERSION = "1"
 MAX_SEQUENCES = 100_000  # sequence ids remembered per server (the session table bounds the sessions)
+# The model's outputs: name, KServe datatype, shape (-1: as many as there are). Metadata, the model
+# configuration and every answer read this one list.
+OUTPUTS = (
+    ("WORDS", "BYTES", -1),
+    ("PROBS", "FP32", -1),
+    ("COMPLETIONS", "BYTES", -1),
+    ("COMPLETION_PROBS", "FP32", -1),
+    ("PARTIAL", "BYTES", 1),
+)
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}  # KServe's datatype names in Triton's config
 
 
 def _service() -> ServiceDescriptor:
@@ -74,15 +84,15 @@ def _bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-Tensor = tuple[str, list[int], bytes]  # an output's datatype, shape and raw contents
+Tensor = tuple[int, bytes]  # an output's element count and raw contents (its datatype: OUTPUTS)
 
 
 def _words(suggestions: Any) -> Tensor:
-    return "BYTES", [len(suggestions)], _bytes_tensor([s.word.encode() for s in suggestions])
+    return len(suggestions), _bytes_tensor([s.word.encode() for s in suggestions])
 
 
 def _probs(suggestions: Any) -> Tensor:
-    return "FP32", [len(suggestions)], struct.pack(f"<{len(suggestions)}f", *(s.prob for s in suggestions))
+    return len(suggestions), struct.pack(f"<{len(suggestions)}f", *(s.prob for s in suggestions))
 
 
 def _first_bytes(raw: bytes) -> bytes:
@@ -90,6 +100,12 @@ def _first_bytes(raw: bytes) -> bytes:
     if len(raw) < 4 or struct.unpack_from("<I", raw)[0] != len(raw) - 4:
         raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, "input TEXT: one BYTES element of the text typed")
     return raw[4:]
+
+
+def _sequence_key(request: Any) -> tuple[str, str] | None:
+    """The caller's sequence this request belongs to (Triton's ``sequence_id``), if any."""
+    sequence = _parameter(request, "sequence_id")
+    return None if sequence in (None, 0, "") else (PRINCIPAL.get(), str(sequence))
 
 
 def _parameter(request: Any, name: str) -> Any:
@@ -107,7 +123,6 @@ class KServeServicer:
     def __init__(self, nextword: NextWordServicer, idle_s: float) -> None:
         self._nextword = nextword
         self._idle_s = idle_s  # how long a sequence's session is kept between requests (--session-ttl)
-        self._types = SERVICE.file.pool.FindEnumTypeByName("inference.DataType")
         self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()  # (principal, id) -> session
         self._response = _message("ModelInferResponse")
         self._stream_response = _message("ModelStreamInferResponse")
@@ -139,33 +154,24 @@ class KServeServicer:
             versions=[MODEL_VERSION],
             platform="nextword",
             inputs=[t(name="TEXT", datatype="BYTES", shape=[1])],
-            outputs=[
-                t(name="WORDS", datatype="BYTES", shape=[-1]),
-                t(name="PROBS", datatype="FP32", shape=[-1]),
-                t(name="COMPLETIONS", datatype="BYTES", shape=[-1]),
-                t(name="COMPLETION_PROBS", datatype="FP32", shape=[-1]),
-                t(name="PARTIAL", datatype="BYTES", shape=[1]),
-            ],
+            outputs=[t(name=name, datatype=datatype, shape=[size]) for name, datatype, size in OUTPUTS],
         )
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's model configuration, as perf_analyzer reads it: a sequence model, no batch axis."""
         if not self._serves(request.name, request.version):
             await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.name, request.version))
-        string, fp32 = (self._types.values_by_name[n].number for n in ("TYPE_STRING", "TYPE_FP32"))
+        types = SERVICE.file.pool.FindEnumTypeByName("inference.DataType").values_by_name
         out = _message("ModelOutput")
         config = _message("ModelConfig")(
             name=self._nextword.model_name,
             platform="nextword",
             backend="nextword",
             max_batch_size=0,
-            input=[_message("ModelInput")(name="TEXT", data_type=string, dims=[1])],
+            input=[_message("ModelInput")(name="TEXT", data_type=types["TYPE_STRING"].number, dims=[1])],
             output=[
-                out(name="WORDS", data_type=string, dims=[-1]),
-                out(name="PROBS", data_type=fp32, dims=[-1]),
-                out(name="COMPLETIONS", data_type=string, dims=[-1]),
-                out(name="COMPLETION_PROBS", data_type=fp32, dims=[-1]),
-                out(name="PARTIAL", data_type=string, dims=[1]),
+                out(name=name, data_type=types[CONFIG_TYPES[datatype]].number, dims=[size])
+                for name, datatype, size in OUTPUTS
             ],
             sequence_batching=_message("ModelSequenceBatching")(
                 max_sequence_idle_microseconds=round(self._idle_s * 1e6)
@@ -195,11 +201,11 @@ class KServeServicer:
 
         open_sequences: set[tuple[str, str]] = set()  # begun on this stream and not ended
 
-        async def answer(request: Any, after: asyncio.Task[None] | None, shared: bool) -> None:
+        async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
             if after is not None:
                 await asyncio.wait([after])  # the sequence's previous request first
             try:
-                response = await self._infer(request, context, held, shared)
+                response = await self._infer(request, context, held)
                 await answers.put(self._stream_response(infer_response=response))
             except Invalid as exc:
                 await answers.put(self._stream_response(error_message=f"{exc.code.name}: {exc}"))
@@ -213,15 +219,14 @@ class KServeServicer:
 
         async def read() -> None:
             async for request in requests:
-                sequence = _parameter(request, "sequence_id")
-                key = (PRINCIPAL.get(), str(sequence)) if sequence not in (None, 0, "") else None
+                key = _sequence_key(request)
                 if key is not None:
                     if _parameter(request, "sequence_end"):
                         open_sequences.discard(key)
                     else:
                         open_sequences.add(key)
-                shared = len(open_sequences) > 1
-                task = asyncio.ensure_future(answer(request, last.get(key) if key else None, shared))
+                held.shared = len(open_sequences) > 1
+                task = asyncio.ensure_future(answer(request, last.get(key) if key else None))
                 running.add(task)
                 task.add_done_callback(functools.partial(finished, key))
                 if key is not None:
@@ -244,9 +249,7 @@ class KServeServicer:
             self._nextword.release(held)
 
     # ---- one inference ------------------------------------------------------------------
-    async def _infer(
-        self, request: Any, context: grpc.aio.ServicerContext, held: Stream, shared: bool = False
-    ) -> Any:
+    async def _infer(self, request: Any, context: grpc.aio.ServicerContext, held: Stream) -> Any:
         if not self._serves(request.model_name, request.model_version):
             raise Invalid(
                 grpc.StatusCode.NOT_FOUND, self._unknown_model(request.model_name, request.model_version)
@@ -255,37 +258,30 @@ class KServeServicer:
         k = _parameter(request, "k")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, 'parameter "k" must be a whole number, 0 or more')
+        key = _sequence_key(request)
+        if key is None:
+            answer = await self._nextword.Predict(pb.PredictRequest(text=text, k=k or 0), context)
+            return self._answer(request, answer.prediction)
         ask = pb.SessionRequest(text=text, k=k or 0)
-        sequence = _parameter(request, "sequence_id")
-        if sequence in (None, 0, ""):
-            prediction = (
-                await self._nextword.Predict(pb.PredictRequest(text=text, k=k or 0), context)
-            ).prediction
-        else:
-            prediction = await self._sequence_step(context, str(sequence), ask, request, held, shared)
-        return self._answer(request, prediction)
+        return self._answer(request, await self._sequence_step(context, key, ask, request, held))
 
     async def _sequence_step(
         self,
         context: grpc.aio.ServicerContext,
-        sequence: str,
+        key: tuple[str, str],
         ask: pb.SessionRequest,
         request: Any,
         held: Stream,
-        shared: bool,
     ) -> pb.Prediction:
-        key = (PRINCIPAL.get(), sequence)
         start, end = bool(_parameter(request, "sequence_start")), bool(_parameter(request, "sequence_end"))
         if start:
             self._drop(key)
         elif key not in self._sequences:
             raise Invalid(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"sequence {sequence} was not started: send sequence_start=true on its first request",
+                f"sequence {key[1]} was not started: send sequence_start=true on its first request",
             )
-        reply = await self._nextword.step(
-            context, self._sequences.get(key, ""), ask, held=held, shared=shared
-        )
+        reply = await self._nextword.step(context, self._sequences.get(key, ""), ask, held=held)
         # A session that has read nothing yet is not kept (server/session.py: detach); the
         # sequence then starts its session with its first text, as a new Session stream would.
         self._sequences[key] = reply.session_id if self._nextword.holds(reply.session_id) else ""
@@ -323,26 +319,27 @@ class KServeServicer:
             ) from exc
 
     def _answer(self, request: Any, p: pb.Prediction) -> Any:
-        outputs = {
+        names = [name for name, _, _ in OUTPUTS]
+        wanted = [o.name for o in request.outputs] or names
+        unknown = [name for name in wanted if name not in names]
+        if unknown:
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT, f"outputs {unknown} unknown; this model gives {names}"
+            )
+        contents = {
             "WORDS": _words(p.suggestions),
             "PROBS": _probs(p.suggestions),
             "COMPLETIONS": _words(p.completions),
             "COMPLETION_PROBS": _probs(p.completions),
-            "PARTIAL": ("BYTES", [1], _bytes_tensor([p.partial.encode()])),
+            "PARTIAL": (1, _bytes_tensor([p.partial.encode()])),
         }
-        wanted = [o.name for o in request.outputs] or list(outputs)
-        unknown = [name for name in wanted if name not in outputs]
-        if unknown:
-            raise Invalid(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"outputs {unknown} unknown; this model gives {list(outputs)}",
-            )
         response = self._response(
             model_name=self._nextword.model_name, model_version=MODEL_VERSION, id=request.id
         )
+        datatypes = {name: datatype for name, datatype, _ in OUTPUTS}
         for name in wanted:
-            datatype, shape, raw = outputs[name]
-            response.outputs.add(name=name, datatype=datatype, shape=shape)
+            size, raw = contents[name]
+            response.outputs.add(name=name, datatype=datatypes[name], shape=[size])
             response.raw_output_contents.append(raw)
         return response
 

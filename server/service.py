@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -39,10 +38,6 @@ REFUSED_DRAINING = (
     "the server is shutting down and takes no new calls: retry on another server, "
     "or here once it has restarted"
 )
-
-
-# Set by ``step`` for a request whose stream carries several sessions (see ``_apply_text``).
-SHARED_STREAM: contextvars.ContextVar[bool] = contextvars.ContextVar("shared_stream", default=False)
 
 
 @dataclass(frozen=True)
@@ -164,14 +159,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         request: pb.SessionRequest,
         *,
         held: Stream,
-        shared: bool = False,
     ) -> pb.SessionReply:
         """One request of a session outside a Session stream, for calls of other protocols (KServe
         sequences, server/kserve.py): the session (``session_id``; empty: a new one) is attached
         to the caller's ``held`` stream for this request only, with the same checks, limits and
-        statuses as a Session stream's. ``shared``: that call carries other sessions too, so the
-        step is batched with theirs rather than run alone."""
-        SHARED_STREAM.set(shared)  # this task's own: its steps only
+        statuses as a Session stream's (``held.shared``: that call carries other sessions too)."""
         await self._refuse_if_draining("Session", context)
         if len(request.text) > self._max_text or request.k > self._max_k:
             await self._validate("Session", context, request.text, request.k, "")
@@ -469,9 +461,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
         whole = bool(partial) or k > self._ranker.graph_k
-        # Nobody to batch with: no thread hops. (A KServe stream carrying several sequences has
-        # one step open at a time here, yet its next requests are waiting to share the call.)
-        lone = session is not None and len(self._streams) == 1 and not SHARED_STREAM.get()
+        # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
+        # sequences, has one step open at a time here, yet its next requests wait to share the call.)
+        shared = session is not None and session.stream is not None and session.stream.shared
+        lone = session is not None and len(self._streams) == 1 and not shared
         scores, slot = await self._model(ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone)
         context_tokens += len(tokens)
         prediction = self._ranker.predict(

@@ -33,7 +33,7 @@ class Stream:
     a stream answering a request sees ``ended`` once it has replied.
     """
 
-    __slots__ = ("ended", "poller", "read_since", "reading", "task")
+    __slots__ = ("ended", "poller", "read_since", "reading", "shared", "task")
 
     def __init__(self) -> None:
         self.task = asyncio.current_task()
@@ -41,6 +41,9 @@ class Stream:
         self.read_since = 0.0  # loop time the wait began
         self.ended: str | None = None  # why the server ends it: "superseded", "drain" or "idle"
         self.poller: asyncio.Task[None] | None = None  # keeps the loop awake for a lone stream
+        # Carries several sessions at once (a KServe stream of several sequences): its steps are
+        # batched with each other even when it is the only stream open.
+        self.shared = False
 
     def end(self, reason: str) -> None:
         """End this stream for ``reason``: at once if it waits for a request, else after its reply."""
