@@ -275,7 +275,7 @@ def _session_store(config: ServerConfig, metrics: Metrics) -> Persister | None:
         raise StartupError(f"{exc} (see --session-store)") from exc
     if store is None:
         return None
-    persister = Persister(store, metrics, config.session_ttl)
+    persister = Persister(store, metrics, config.session_ttl, interval=config.store_interval)
     # A store not answering yet (Redis still starting beside us) is no reason not to serve: the
     # server starts, says so in its log and health, and uses the store once it answers.
     persister.check()

@@ -73,6 +73,12 @@ class ServerConfig:
         "or redis://HOST:PORT/DB for replicas (auto: embedded with several workers, else none)",
         metavar="STORE",
     )
+    store_interval: float = option(
+        0.005,
+        "least seconds between two writes to the session store: a session that advances faster is "
+        "stored as it stands then (one write for several words); what a killed process had not "
+        "written yet the client library resends on resume (it keeps its last 256 requests)",
+    )
     # Set by the supervisor for the processes it starts (server/workers.py).
     worker: int = option(-1, "", cli=False)  # this process's worker number; -1: no supervisor
     reuse_port: bool = option(False, "", cli=False)  # share the port with the other workers
@@ -135,10 +141,13 @@ class ServerConfig:
             "--max-k": self.max_k >= 1,
             "--grace": self.grace >= 0,
             "--threads": self.threads >= 0,
+            "--store-interval": self.store_interval >= 0,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid {', '.join(bad)}: must be positive (--grace and --threads may be 0)")
+            raise ValueError(
+                f"invalid {', '.join(bad)}: must be positive (or 0: --grace, --threads, --store-interval)"
+            )
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0 or self.lone_poll_us < 0:

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import sqlite3
 import struct
 import threading
@@ -439,6 +440,7 @@ class Persister:
         metrics: Metrics,
         ttl: float,
         *,
+        interval: float = 0.0,
         retry_after: float = 0.5,
         max_retry_after: float = 5.0,
     ) -> None:
@@ -456,6 +458,11 @@ class Persister:
         # Called with [(session id, epoch)] of records another claim took (set by the servicer).
         self.on_taken: Callable[[list[tuple[str, int]]], None] = lambda taken: None
         self._pending: dict[str, Record] = {}
+        # Writes are at least ``interval`` apart (the first after a quiet spell goes at once): a
+        # lone stream typing fast costs the store one write per interval, not one per word.
+        self._interval = interval
+        self._last_write = -math.inf  # time.monotonic() of the last write begun
+        self._timer: asyncio.TimerHandle | None = None
         self.held = False  # records were submitted with wake=False: the submitter flushes them
         self._flushing: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
@@ -496,7 +503,16 @@ class Persister:
         self.held = False
         if not self.store.writes_async:
             self._wake.set()
-            return
+        elif self._timer is None:  # else the write already due takes these records too
+            wait = self._last_write + self._interval - time.monotonic()
+            if wait <= 0:
+                self._start_flush()
+            else:
+                self._timer = asyncio.get_running_loop().call_later(wait, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        self._last_write = time.monotonic()
         task = asyncio.get_running_loop().create_task(self._flush_async())
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
@@ -504,6 +520,9 @@ class Persister:
     async def settle(self) -> None:
         """Wait for the event loop's writes still on their way, and release their connection
         (before ``close``)."""
+        if self._timer is not None:  # records waiting for their interval go now
+            self._timer.cancel()
+            self._start_flush()
         if self._flushing:
             await asyncio.gather(*self._flushing, return_exceptions=True)
         await self.store.close_async()
@@ -558,7 +577,10 @@ class Persister:
         while True:
             if not self._closing:
                 self._wake.wait()
+                # Records that come meanwhile join this write (time.sleep releases the GIL).
+                time.sleep(max(0.0, self._last_write + self._interval - time.monotonic()))
             self._wake.clear()
+            self._last_write = time.monotonic()
             self.flush()
             if self._closing and not self._pending:
                 return

@@ -19,11 +19,13 @@ import redis
 import uvloop
 
 from nextword.ranking import KEYSTROKES, StripState
+from nextword.server.metrics import Metrics
 from nextword.server.resp import _INCOMPLETE, ReplyError, _parse
 from nextword.server.store import (
     STALE,
     TAKEN,
     WRITTEN,
+    Persister,
     Record,
     RedisStore,
     SessionStore,
@@ -241,3 +243,44 @@ def test_replies_cut_anywhere_wait_for_the_rest() -> None:
             got.append(reply[0])
             at = reply[1]
         assert [str(r) if isinstance(r, ReplyError) else r for r in got] == expected, cut
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_a_session_typing_faster_than_the_write_interval_is_stored_once_per_interval(
+    redis_proc: RedisProcess, tmp_path: Path, kind: str
+) -> None:
+    # Writes go at most once per --store-interval (SQLite's from the writer thread): the first at
+    # once, then the newest record of each interval; what waits is written when its interval ends,
+    # even if nothing follows.
+    store = open_store(redis_proc.url if kind == "redis" else f"sqlite:///{tmp_path / 's.db'}")
+    assert store is not None
+    metrics = Metrics()
+    persister = Persister(store, metrics, ttl=60, interval=0.5)
+
+    def writes() -> float:
+        return (
+            metrics.registry.get_sample_value("nextword_session_store_seconds_count", {"op": "write"}) or 0.0
+        )
+
+    def stored_seq() -> int | None:
+        found = store.claim("s1", ttl=60)
+        return None if found is None else found.seq
+
+    async def type_words() -> None:
+        start = time.monotonic()
+        for seq in range(1, 21):  # 20 words in about 0.1 s: one interval
+            persister.submit([_record(seq)], wake=False)
+            persister.flush_held()
+            await asyncio.sleep(0.005)
+        assert time.monotonic() - start < 0.4, "the machine was too slow for this test's timing"
+        await asyncio.sleep(0.05)
+        assert writes() == 1  # the first word's, at once; the rest wait for the interval to end
+        await asyncio.sleep(0.6)
+        assert writes() == 2
+        await persister.settle()
+
+    try:
+        asyncio.run(type_words())
+        assert stored_seq() == 20
+    finally:
+        persister.close()
