@@ -12,26 +12,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # not in grpc-stubs
 from grpc_reflection.v1alpha import reflection_pb2
 
-from nextword.bundle import Bundle, load_bundle
-from nextword.runtime import OnnxLM
+from nextword.bundle import Bundle
 from nextword.v1 import nextword_pb2 as pb
 
 from . import kserve, reflection
-from .batcher import Batcher
 from .config import ANY_FREE_PORT, ServerConfig
 from .guard import Guard
 from .health import HealthServicer
 from .metrics import Metrics, MetricsEndpoint
+from .model import ModelVersion
+from .repository import ModelLoadError, ModelNotFound, Repository
 from .security import Authenticator, SecurityError, exposure_warning, server_credentials
 from .service import NextWordServicer
-from .session import SessionTable
-from .state import StatePool
+from .session import SessionRecord, SessionTable
 from .status import WorkerStatus
 from .store import Persister, StoreError, open_store
 
@@ -51,18 +49,37 @@ class StartupError(Exception):
 @dataclass(eq=False)
 class RunningServer:
     config: ServerConfig
-    bundle: Bundle
-    provider: str
+    models: Repository
     port: int
     metrics_port: int  # 0: no /metrics endpoint
     servicer: NextWordServicer
     metrics: Metrics
     _server: grpc.aio.Server
     _health: health_aio.HealthServicer
-    _batcher: Batcher
     _tasks: list[asyncio.Task[None]]  # the session and idle-stream sweepers, the health watch
     _endpoint: MetricsEndpoint | None
     _persister: Persister | None
+
+    @property
+    def bundle(self) -> Bundle:
+        """The bundle of the model an empty ``model`` field means (the first loaded, if none)."""
+        return self.default_model.bundle
+
+    @property
+    def provider(self) -> str:
+        return self.default_model.provider
+
+    @property
+    def default_model(self) -> ModelVersion:
+        try:
+            return self.models.pick("")
+        except ModelNotFound:
+            return next(iter(self.models.versions.values()))
+
+    def rescan(self) -> None:
+        """Load what the model repository holds now (SIGHUP), without waiting for it."""
+        task = asyncio.get_running_loop().create_task(self.models.rescan(), name="model-repository-scan")
+        self._tasks.append(task)
 
     async def drain(self, timeout: float) -> bool:
         """The first half of ``stop``: health NOT_SERVING, new calls refused, Session streams ended.
@@ -96,7 +113,7 @@ class RunningServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._batcher.close()
+        await self.models.close()
         if self._persister is not None:
             await self._persister.settle()
             self._persister.close()
@@ -129,11 +146,16 @@ async def serve(
     """
     running = await start_server(config, workers)
     m = running.bundle.manifest
+    served = (
+        ",".join(f"{n}/{v}" for n, v in sorted(running.models.versions))
+        if config.model_repository
+        else m.name
+    )
     who = "nextword" if config.worker < 0 else f"worker {config.worker} (pid {os.getpid()})"
     log.info(
         "%s serving %s (%s, %s, %d onnxruntime thread%s) on %s:%d, metrics on :%d",
         who,
-        m.name,
+        served,
         m.cell,
         running.provider,
         config.intra_op_threads,
@@ -148,6 +170,8 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.model_repository is not None:  # SIGHUP: look at the repository now
+        loop.add_signal_handler(signal.SIGHUP, running.rescan)
     await stop.wait()
     log.info(
         "%s shutting down: health NOT_SERVING, new calls refused, session streams end after their "
@@ -160,88 +184,56 @@ async def serve(
     return 0
 
 
-WARM_EVERY_SIZE_UP_TO = 128  # above it, sizes 25% apart: warming all of 1..4096 would take hours
-
-
-def warm_sizes(max_batch: int) -> list[int]:
-    """The batch sizes ``warm_up`` runs: every one up to 128, then one every 25% up to ``max_batch``."""
-    sizes = list(range(1, min(max_batch, WARM_EVERY_SIZE_UP_TO) + 1))
-    while sizes[-1] < max_batch:
-        sizes.append(min(max_batch, sizes[-1] * 5 // 4))
-    return sizes
-
-
-def warm_up(lm: OnnxLM, max_batch: int) -> None:
-    """Run the batch sizes the batcher forms once, so no user meets a cold shape.
-
-    onnxruntime sizes its buffers on the first call of each shape; doing that now
-    costs a few milliseconds here instead of a slow first reply there. Past 128
-    (GPU batch sizes) only sizes 25% apart are run; a size between them pays its
-    first call once, in a batch that large.
-    """
-    for n in warm_sizes(max_batch):
-        state = lm.zero_state(n)
-        for seq in (1, 2) if n == 1 else (1,):
-            lm.step_ranked(np.ones((n, seq), dtype=np.int64), state, whole_distribution=True)
-        lm.head_ranked(state, whole_distribution=True)
-
-
 async def start_server(config: ServerConfig, workers: WorkerStatus | None = None) -> RunningServer:
-    """Load the model and start serving; raises BundleError/StartupError with a message to act on.
+    """Load the models and start serving; raises BundleError/StartupError with a message to act on.
 
     ``workers``: what the supervisor says of every worker, when this process is one of them.
     """
     auth, credentials = _security(config)  # before the model: a bad key file fails in milliseconds
     metrics = Metrics()
     persister = _session_store(config, metrics)
-    bundle, lm = _load_model(config)
-    m = bundle.manifest
-    metrics.model_info.info({"name": m.name, "cell": m.cell, "provider": lm.provider})
-    pool = StatePool(m.state, lm.start_state())
-    sessions = SessionTable(config.max_sessions, config.session_ttl, on_drop=lambda s: pool.free(s.slot))
+    models = Repository(config, metrics, persister, config.model_repository)
+    try:
+        await models.start()
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from exc
+    sessions = SessionTable(config.max_sessions, config.session_ttl, on_drop=_drop_session(models))
     metrics.active_sessions.set_function(lambda: len(sessions))
     metrics.max_sessions.set(config.max_sessions)
-    batcher = Batcher(
-        lm,
-        pool,
-        metrics,
-        max_batch=config.max_batch,
-        max_delay=config.max_delay_ms / 1000,
-        chunk_tokens=config.prefill_chunk_tokens,
-        prefill_call_tokens=config.prefill_call_tokens,
-        persister=persister,
-    )
     servicer = NextWordServicer(
-        config=config,
-        bundle=bundle,
-        provider=lm.provider,
-        pool=pool,
-        batcher=batcher,
-        sessions=sessions,
-        metrics=metrics,
-        persister=persister,
+        config=config, models=models, sessions=sessions, metrics=metrics, persister=persister
     )
     guard = Guard(metrics, auth, config.max_message_bytes)
     server, health_servicer, port = await _grpc_server(config, servicer, guard, credentials)
     endpoint = _metrics_endpoint(config, metrics)
-    batcher.start()
     tasks = _background_tasks(sessions, servicer, health_servicer, persister, workers)
+    if config.model_repository is not None and config.model_control == "poll":
+        tasks.append(asyncio.get_running_loop().create_task(models.watch(), name="model-repository"))
     await server.start()
     return RunningServer(
         config,
-        bundle,
-        lm.provider,
+        models,
         port,
         endpoint.port if endpoint else 0,
         servicer,
         metrics,
         server,
         health_servicer,
-        batcher,
         tasks,
         endpoint,
         persister,
     )
+
+
+def _drop_session(models: Repository) -> Callable[[SessionRecord], None]:
+    """What a session dropped from the table releases: its state row, and its hold on its model."""
+
+    def drop(session: SessionRecord) -> None:
+        if session.model is not None:
+            session.model.pool.free(session.slot)
+            models.let_go(session)
+
+    return drop
 
 
 def _background_tasks(
@@ -294,22 +286,6 @@ async def _watch_health(
         if workers is not None:
             await health.set(WORKERS_HEALTH, serving if workers.all_up() else not_serving)
         await asyncio.sleep(HEALTH_INTERVAL)
-
-
-def _load_model(config: ServerConfig) -> tuple[Bundle, OnnxLM]:
-    bundle = load_bundle(config.model)
-    try:
-        lm = OnnxLM(bundle, device=config.device, threads=config.intra_op_threads, spin=config.onnx_spin)
-    except RuntimeError as exc:  # e.g. --device cuda without CUDA
-        raise StartupError(str(exc)) from exc
-    if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
-        # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
-        raise StartupError(
-            f"--device cuda: onnxruntime could not start CUDA and fell back to {lm.provider} "
-            "(its log above says why); use --device auto or cpu to serve on the CPU"
-        )
-    warm_up(lm, config.max_batch)
-    return bundle, lm
 
 
 def _security(config: ServerConfig) -> tuple[Authenticator, grpc.ServerCredentials | None]:
@@ -378,7 +354,12 @@ async def _grpc_server(
             guard.handler(_service(reflection_pb2), alpha, public=True),
             guard.handler(reflection.V1_SERVICE, v1, public=True),
             # KServe v2 (Triton's clients): the same sessions, limits and credentials as NextWord.
-            guard.handler(kserve.SERVICE, kserve.KServeServicer(servicer, config.session_ttl)),
+            guard.handler(
+                kserve.SERVICE,
+                kserve.KServeServicer(
+                    servicer, config.session_ttl, explicit=config.model_control == "explicit"
+                ),
+            ),
         )
     )
     address = f"{config.host}:{config.port}"

@@ -152,12 +152,12 @@ class Batcher:
         chunk_tokens: int = 16,  # ServerConfig.prefill_chunk_tokens
         prefill_call_tokens: int = 64,  # ServerConfig.prefill_call_tokens
         persister: Persister | None = None,  # the session store, if the server has one
+        model: tuple[str, str] = ("", ""),  # name and version: its metrics' labels
     ) -> None:
         if chunk_tokens < 1 or prefill_call_tokens < chunk_tokens:
             raise ValueError("need 1 <= chunk_tokens <= prefill_call_tokens")
         self._lm = lm
         self._pool = pool
-        self._metrics = metrics
         self._max_batch = max_batch
         self._max_delay = max_delay
         self._chunk = chunk_tokens
@@ -175,7 +175,10 @@ class Batcher:
         # Session streams open now (the servicer sets it): a batch cannot grow past them.
         self.open_streams: Callable[[], int] = lambda: self._max_batch
         # Label children looked up once, not per call.
-        self._compute_time = {g: metrics.onnx_compute.labels(g).observe for g in ("step", "head")}
+        self._compute_time = {g: metrics.onnx_compute.labels(g, *model).observe for g in ("step", "head")}
+        self._queue_wait = metrics.queue_wait.labels(*model).observe
+        self._batch_size = metrics.batch_size.labels(*model).observe
+        self._words = metrics.words.labels(*model).inc
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -356,7 +359,7 @@ class Batcher:
             return
         start = time.perf_counter()
         for r in group:
-            self._metrics.queue_wait.observe(start - r.enqueued)
+            self._queue_wait(start - r.enqueued)
         try:
             answers = await self._compute(key, group, inline)
         except Exception as exc:  # the model failed: every caller of this group gets the error
@@ -364,7 +367,7 @@ class Batcher:
                 if not r.future.done():
                     r.future.set_exception(exc)
             return
-        self._metrics.batch_size.observe(len(group))
+        self._batch_size(len(group))
         for r, answer in zip(group, answers, strict=True):
             if not r.future.done():
                 r.future.set_result(answer)
@@ -388,7 +391,7 @@ class Batcher:
             dst = np.fromiter((DISCARD if r.future.done() else r.dst for r in group), dtype=np.intp, count=n)
             keep = dst != DISCARD
             self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
-            self._metrics.words.inc(n * key)
+            self._words(n * key)
         return [self._scores(ranked, b, r.whole_distribution) for b, r in enumerate(group)]
 
     @staticmethod

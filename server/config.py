@@ -21,6 +21,23 @@ def usable_cores() -> int:
 @dataclass(frozen=True)
 class ServerConfig:
     model: Path = option(DEMO_BUNDLE, "bundle directory to serve (the demo model ships with nextword)")
+    model_repository: Path | None = option(
+        None,
+        "serve every bundle under DIR/NAME/VERSION/ instead of --model (VERSION a whole number); new "
+        "versions are loaded without a restart, open sessions finish on the version they began on",
+        metavar="DIR",
+    )
+    model_versions: int = option(1, "newest versions of each repository model that take new sessions")
+    model_control: str = option(
+        "poll",
+        "how the repository is reloaded: poll (every --repository-poll seconds, and on SIGHUP) or "
+        "explicit (on SIGHUP and KServe RepositoryModelLoad/Unload only)",
+        choices=("poll", "explicit"),
+    )
+    repository_poll: float = option(2.0, "seconds between looks at --model-repository (poll)")
+    default_model: str = option(
+        "", "the model a request that names none gets (default: the only one served)", metavar="NAME"
+    )
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
     port: int = option(50051, "gRPC port (0: a free port, named in the log)")
     metrics_port: int = option(9100, "Prometheus /metrics port (0: off, -1: a free port)")
@@ -142,6 +159,8 @@ class ServerConfig:
             "--grace": self.grace >= 0,
             "--threads": self.threads >= 0,
             "--store-interval": self.store_interval >= 0,
+            "--model-versions": self.model_versions >= 1,
+            "--repository-poll": self.repository_poll > 0,
         }
         bad = [flag for flag, ok in checks.items() if not ok]
         if bad:

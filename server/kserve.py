@@ -15,7 +15,9 @@ one session, begun by ``sequence_start`` and ended by ``sequence_end``; its stat
 the server between requests, so each costs one model step, exactly as a ``Session``
 stream's do (and answers the same). A request with no ``sequence_id`` is a ``Predict``.
 Sequences belong to the caller's principal: another caller's ``sequence_id`` is unknown to
-it. The messages come from ``protos/inference/grpc_service.proto``, loaded into a pool of
+it. With a model repository (``--model-repository``) its calls index, load and unload models
+(load and unload with ``--model-control explicit`` only, as in Triton). The messages come
+from ``protos/inference/grpc_service.proto``, loaded into a pool of
 their own (see the proto).
 """
 
@@ -36,13 +38,14 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from nextword.v1 import nextword_pb2 as pb
 
+from .model import ModelVersion
+from .repository import ModelLoadError, ModelNotFound
 from .security import PRINCIPAL
 from .service import NextWordServicer
 from .session import Stream
 
 DESCRIPTOR_SET = Path(__file__).resolve().parents[1] / "nextword" / "kserve" / "grpc_service.desc"
 SERVICE_NAME = "inference.GRPCInferenceService"
-MODEL_VERSION = "1"
 MAX_SEQUENCES = 100_000  # sequence ids remembered per server (the session table bounds the sessions)
 # The model's outputs: name, KServe datatype, shape (-1: as many as there are). Metadata, the model
 # configuration and every answer read this one list.
@@ -120,8 +123,10 @@ def _parameter(request: Any, name: str) -> Any:
 class KServeServicer:
     """``inference.GRPCInferenceService`` answered by the NextWord servicer's own session steps."""
 
-    def __init__(self, nextword: NextWordServicer, idle_s: float) -> None:
+    def __init__(self, nextword: NextWordServicer, idle_s: float, *, explicit: bool = False) -> None:
         self._nextword = nextword
+        self._models = nextword.models
+        self._explicit = explicit  # --model-control explicit: RepositoryModelLoad/Unload allowed
         self._idle_s = idle_s  # how long a sequence's session is kept between requests (--session-ttl)
         self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()  # (principal, id) -> session
         self._response = _message("ModelInferResponse")
@@ -135,7 +140,7 @@ class KServeServicer:
         return _message("ServerReadyResponse")(ready=not self._nextword.draining)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        ready = self._serves(request.name, request.version) and not self._nextword.draining
+        ready = self._find(request.name, request.version) is not None and not self._nextword.draining
         return _message("ModelReadyResponse")(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -146,12 +151,11 @@ class KServeServicer:
         return _message("ServerMetadataResponse")(name="nextword", version=release, extensions=["sequence"])
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if not self._serves(request.name, request.version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.name, request.version))
+        model = await self._model(request.name, request.version, context)
         t = self._tensor
         return _message("ModelMetadataResponse")(
-            name=self._nextword.model_name,
-            versions=[MODEL_VERSION],
+            name=model.name,
+            versions=[v.version for v in self._models.ready(model.name)],
             platform="nextword",
             inputs=[t(name="TEXT", datatype="BYTES", shape=[1])],
             outputs=[t(name=name, datatype=datatype, shape=[size]) for name, datatype, size in OUTPUTS],
@@ -159,12 +163,11 @@ class KServeServicer:
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's model configuration, as perf_analyzer reads it: a sequence model, no batch axis."""
-        if not self._serves(request.name, request.version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown_model(request.name, request.version))
+        model = await self._model(request.name, request.version, context)
         types = SERVICE.file.pool.FindEnumTypeByName("inference.DataType").values_by_name
         out = _message("ModelOutput")
         config = _message("ModelConfig")(
-            name=self._nextword.model_name,
+            name=model.name,
             platform="nextword",
             backend="nextword",
             max_batch_size=0,
@@ -248,22 +251,74 @@ class KServeServicer:
                 task.cancel()
             self._nextword.release(held)
 
+    # ---- the model repository (Triton's extension) ---------------------------------------
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        entry = _message("RepositoryIndexResponse.ModelIndex")
+        rows = [
+            entry(name=name, version=version, state=state, reason=reason)
+            for name, version, state, reason in self._models.index()
+            if state == "READY" or not request.ready
+        ]
+        return _message("RepositoryIndexResponse")(models=rows)
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._may_control(context, "load")
+        try:
+            await self._models.load(request.model_name)
+        except ModelLoadError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return _message("RepositoryModelLoadResponse")()
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self._may_control(context, "unload")
+        try:
+            self._models.unload(request.model_name)
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        return _message("RepositoryModelUnloadResponse")()
+
+    async def _may_control(self, context: grpc.aio.ServicerContext, what: str) -> None:
+        if self._models.root is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server serves one bundle (--model), not a repository: nothing to {what} "
+                "(start it with --model-repository DIR)",
+            )
+        if not self._explicit:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"explicit model {what} is not allowed while the repository is polled: the server "
+                "loads what DIR holds by itself (--model-control explicit loads and unloads by call)",
+            )
+
     # ---- one inference ------------------------------------------------------------------
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext, held: Stream) -> Any:
-        if not self._serves(request.model_name, request.model_version):
-            raise Invalid(
-                grpc.StatusCode.NOT_FOUND, self._unknown_model(request.model_name, request.model_version)
-            )
         text = self._text(request)
         k = _parameter(request, "k")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, 'parameter "k" must be a whole number, 0 or more')
         key = _sequence_key(request)
+        name, wanted = request.model_name, request.model_version
+        running = None if key is None or _parameter(request, "sequence_start") else self._sequences.get(key)
+        model = self._nextword.model_of(running) if running else None
+        if model is None:
+            model = self._ready(name, wanted)
+        elif (name and name != model.name) or wanted not in ("", model.version):
+            raise Invalid(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"sequence {key[1] if key else ''} runs on model {model.name!r} version {model.version!r} "
+                "to its end: send that model (any version) or start a new sequence",
+            )
         if key is None:
-            answer = await self._nextword.Predict(pb.PredictRequest(text=text, k=k or 0), context)
-            return self._answer(request, answer.prediction)
-        ask = pb.SessionRequest(text=text, k=k or 0)
-        return self._answer(request, await self._sequence_step(context, key, ask, request, held))
+            ask = pb.PredictRequest(text=text, k=k or 0, model=model.name, model_version=model.version)
+            answer = await self._nextword.Predict(ask, context)
+            return self._answer(request, answer.prediction, model.name, answer.model_version)
+        # A running sequence's session keeps its own version (resumed from the store, maybe).
+        step = pb.SessionRequest(
+            text=text, k=k or 0, model=model.name, model_version="" if running else model.version
+        )
+        reply = await self._sequence_step(context, key, step, request, held)
+        return self._answer(request, reply.prediction, model.name, reply.model_version)
 
     async def _sequence_step(
         self,
@@ -272,7 +327,7 @@ class KServeServicer:
         ask: pb.SessionRequest,
         request: Any,
         held: Stream,
-    ) -> pb.Prediction:
+    ) -> pb.SessionReply:
         start, end = bool(_parameter(request, "sequence_start")), bool(_parameter(request, "sequence_end"))
         if start:
             self._drop(key)
@@ -290,7 +345,7 @@ class KServeServicer:
             self._sequences.popitem(last=False)
         if end:
             self._drop(key)
-        return reply.prediction
+        return reply
 
     def _drop(self, key: tuple[str, str]) -> None:
         if (session_id := self._sequences.pop(key, None)) is not None:
@@ -318,7 +373,7 @@ class KServeServicer:
                 grpc.StatusCode.INVALID_ARGUMENT, f"input TEXT is not UTF-8 ({exc.reason})"
             ) from exc
 
-    def _answer(self, request: Any, p: pb.Prediction) -> Any:
+    def _answer(self, request: Any, p: pb.Prediction, name: str, model_version: str) -> Any:
         names = [name for name, _, _ in OUTPUTS]
         wanted = [o.name for o in request.outputs] or names
         unknown = [name for name in wanted if name not in names]
@@ -333,9 +388,7 @@ class KServeServicer:
             "COMPLETION_PROBS": _probs(p.completions),
             "PARTIAL": (1, _bytes_tensor([p.partial.encode()])),
         }
-        response = self._response(
-            model_name=self._nextword.model_name, model_version=MODEL_VERSION, id=request.id
-        )
+        response = self._response(model_name=name, model_version=model_version, id=request.id)
         datatypes = {name: datatype for name, datatype, _ in OUTPUTS}
         for name in wanted:
             size, raw = contents[name]
@@ -343,11 +396,20 @@ class KServeServicer:
             response.raw_output_contents.append(raw)
         return response
 
-    def _serves(self, name: str, model_version: str) -> bool:
-        return name == self._nextword.model_name and model_version in ("", MODEL_VERSION)
+    def _find(self, name: str, model_version: str) -> ModelVersion | None:
+        try:
+            return self._models.pick(name, model_version)
+        except ModelNotFound:
+            return None
 
-    def _unknown_model(self, name: str, model_version: str) -> str:
-        return (
-            f"model {name!r} version {model_version or 'any'!r} is not served here; this server serves "
-            f"{self._nextword.model_name!r} version {MODEL_VERSION}"
-        )
+    def _ready(self, name: str, model_version: str) -> ModelVersion:
+        try:
+            return self._models.pick(name, model_version)
+        except ModelNotFound as exc:
+            raise Invalid(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+
+    async def _model(self, name: str, model_version: str, context: grpc.aio.ServicerContext) -> ModelVersion:
+        try:
+            return self._ready(name, model_version)
+        except Invalid as exc:
+            await context.abort(exc.code, str(exc))

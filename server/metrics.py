@@ -27,6 +27,9 @@ LATENCY_BUCKETS = (
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+MODEL_LABELS = ["model", "version"]  # a model repository's name and version folder
+
+
 class Metrics:
     """Every metric the server exports, registered on ``self.registry``."""
 
@@ -40,34 +43,13 @@ class Metrics:
             registry=reg,
             buckets=LATENCY_BUCKETS,
         )
-        self.onnx_compute = Histogram(
-            "nextword_onnx_compute_seconds",
-            "onnxruntime time per batched graph call (compute time per batch)",
-            ["graph"],
-            registry=reg,
-            buckets=LATENCY_BUCKETS,
-        )
-        self.batch_size = Histogram(
-            "nextword_batch_size",
-            "Requests served by one graph call",
-            registry=reg,
-            buckets=BATCH_BUCKETS,
-        )
-        self.queue_wait = Histogram(
-            "nextword_queue_wait_seconds",
-            "Time a model call waited in the batcher's queue before its batch ran",
-            registry=reg,
-            buckets=LATENCY_BUCKETS,
-        )
         self.active_sessions = Gauge("nextword_active_sessions", "Sessions held in memory", registry=reg)
-        self.words = Counter("nextword_words", "Tokens run through the model", registry=reg)
         self.errors = Counter(
             "nextword_errors",
             "Requests that ended in an error status",
             ["method", "code"],
             registry=reg,
         )
-        self.model_info = Info("nextword_model", "The model being served", registry=reg)
         self.refused = Counter(
             "nextword_refused",
             "Requests refused before they reach the model, by reason",
@@ -83,10 +65,48 @@ class Metrics:
         self.max_sessions = Gauge(
             "nextword_max_sessions", "Sessions this process may hold (--max-sessions)", registry=reg
         )
+        self._model_metrics(reg)
         self._store_metrics(reg)
 
+    def _model_metrics(self, reg: CollectorRegistry) -> None:
+        """Each model version's (server/batcher.py, server/repository.py), labelled by name and version."""
+        self.words = Counter("nextword_words", "Tokens run through the model", MODEL_LABELS, registry=reg)
+        self.onnx_compute = Histogram(
+            "nextword_onnx_compute_seconds",
+            "onnxruntime time per batched graph call (compute time per batch)",
+            ["graph", *MODEL_LABELS],
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.batch_size = Histogram(
+            "nextword_batch_size",
+            "Requests served by one graph call",
+            MODEL_LABELS,
+            registry=reg,
+            buckets=BATCH_BUCKETS,
+        )
+        self.queue_wait = Histogram(
+            "nextword_queue_wait_seconds",
+            "Time a model call waited in the batcher's queue before its batch ran",
+            MODEL_LABELS,
+            registry=reg,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.model_info = Info(
+            "nextword_model",
+            "Each model version being served (and its sessions' till they end)",
+            MODEL_LABELS,
+            registry=reg,
+        )
+        self.model_loads = Counter(
+            "nextword_model_loads",
+            "Model versions loaded, or refused (files that fail their checksums, a bad manifest)",
+            [*MODEL_LABELS, "result"],
+            registry=reg,
+        )
+
     def _store_metrics(self, reg: CollectorRegistry) -> None:
-        """The session store's (server/store.py): every step's record is written there before its reply."""
+        """The session store's (server/store.py): every step's record is written there after its reply."""
         self.store_up = Gauge(
             "nextword_session_store_up",
             "1 while the session store answers, 0 while it is down (sessions then live in this process only)",

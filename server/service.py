@@ -11,18 +11,19 @@ from typing import NoReturn
 
 import grpc
 
-from nextword.bundle import MANIFEST, Bundle
-from nextword.ranking import NO_USER_WORDS, Ranker, Scores, StripState, UserWords
+from nextword.ranking import NO_USER_WORDS, Scores, StripState, UserWords
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
 from .admission import Admission, Overloaded, Ticket, TooManyTokens, measure
-from .batcher import DISCARD, Batcher
+from .batcher import DISCARD
 from .config import ServerConfig
 from .metrics import Metrics
-from .security import PRINCIPAL, public_manifest, quote
+from .model import ModelVersion
+from .repository import ModelNotFound, Repository
+from .security import PRINCIPAL, quote
 from .session import SessionRecord, SessionTable, SessionTableFull, Stream
-from .state import INITIAL, StatePool
+from .state import INITIAL
 from .store import Persister, Record, StoreError
 
 # What a client whose stream the drain ends is told; the client library acts on it (clients/client.py).
@@ -66,19 +67,13 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self,
         *,
         config: ServerConfig,
-        bundle: Bundle,
-        provider: str,
-        pool: StatePool,
-        batcher: Batcher,
+        models: Repository,
         sessions: SessionTable,
         metrics: Metrics,
         persister: Persister | None = None,
     ) -> None:
         self._config = config
-        self._bundle = bundle
-        self._provider = provider
-        self._pool = pool
-        self._batcher = batcher
+        self.models = models
         self._sessions = sessions
         self._metrics = metrics
         self._persister = persister
@@ -91,7 +86,6 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             persister.on_taken = taken
         self._max_text, self._max_k = config.max_text_chars, config.max_k  # checked on every request
         self._lone_poll = config.lone_poll_us / 1e6
-        self._fingerprint = bundle.manifest.fingerprint
         self._session_latency = metrics.request_duration.labels("Session")  # looked up once, not per word
         # The budget of model tokens in flight; public so that tests can occupy it.
         self.admission = Admission(
@@ -100,13 +94,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             short_tokens=config.prefill_chunk_tokens,
             max_request_tokens=config.max_request_tokens,
         )
-        self._ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0), lexicon=bundle.lexicon)
-        self._manifest_json = (bundle.path / MANIFEST).read_text(encoding="utf-8")
-        if not config.expose_manifest:  # the paths and commands of the machine that made the bundle
-            self._manifest_json = public_manifest(self._manifest_json)
         self._draining = False  # set by drain(): new calls are refused, every stream ends
         self._streams: set[Stream] = set()
-        batcher.open_streams = self._streams.__len__
+        models.open_streams = self._streams.__len__  # every model's batcher reads it
         self._no_streams = asyncio.Event()
         self._no_streams.set()
 
@@ -118,10 +108,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         try:
             while (request := await self._next(request_iterator, context, stream)) is not None:
                 start = time.perf_counter()
-                if request.model or len(request.text) > self._max_text or request.k > self._max_k:
-                    await self._validate("Session", context, request.text, request.k, request.model)
+                if len(request.text) > self._max_text or request.k > self._max_k:
+                    await self._validate("Session", context, request.text, request.k)
                 if session is None:
-                    session = await self._open(context, request.session_id, stream)
+                    session = await self._open(context, request.session_id, stream, request)
                 elif request.session_id:
                     await self._fail(
                         "Session",
@@ -129,6 +119,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "session_id may only be set on the first request of a stream",
                     )
+                elif request.model or request.model_version:
+                    await self._same_model(context, session, request)
                 reply = await self._answer(context, session, stream, request)
                 await context.write(reply)
                 self._session_latency.observe(time.perf_counter() - start)
@@ -144,13 +136,14 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictReply:
         start = time.perf_counter()
         await self._refuse_if_draining("Predict", context)
-        await self._validate("Predict", context, request.text, request.k, request.model)
+        await self._validate("Predict", context, request.text, request.k)
+        model = await self._pick("Predict", context, request.model, request.model_version)
         k = request.k or self._config.default_k
         caller = _Caller("Predict", context)
         strip = StripState().chosen(request.strip) if request.HasField("strip") else StripState()
-        step = await self._apply_text(caller, INITIAL, "", 0, request.text, k, keep=False, strip=strip)
+        step = await self._apply_text(caller, model, INITIAL, "", 0, request.text, k, keep=False, strip=strip)
         self._metrics.request_duration.labels("Predict").observe(time.perf_counter() - start)
-        return pb.PredictReply(prediction=step.prediction)
+        return pb.PredictReply(prediction=step.prediction, model_version=model.version)
 
     async def step(
         self,
@@ -166,8 +159,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         statuses as a Session stream's (``held.shared``: that call carries other sessions too)."""
         await self._refuse_if_draining("Session", context)
         if len(request.text) > self._max_text or request.k > self._max_k:
-            await self._validate("Session", context, request.text, request.k, "")
-        session = await self._open(context, session_id, held)
+            await self._validate("Session", context, request.text, request.k)
+        session = await self._open(context, session_id, held, request)
         try:
             return await self._answer(context, session, held, request)
         finally:
@@ -185,14 +178,15 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """Whether this process keeps the session ``session_id`` now."""
         return self._sessions.find(session_id) is not None
 
+    def model_of(self, session_id: str) -> ModelVersion | None:
+        """The model version the session ``session_id`` runs on, if this process keeps it."""
+        session = self._sessions.find(session_id)
+        return None if session is None else session.model
+
     def forget(self, session_id: str) -> None:
         """Drop a session nobody will resume (a KServe sequence that ended)."""
         if (session := self._sessions.find(session_id)) is not None and session.stream is None:
             self._sessions.forget(session)
-
-    @property
-    def model_name(self) -> str:
-        return self._bundle.manifest.name
 
     @property
     def draining(self) -> bool:
@@ -202,15 +196,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         await self._refuse_if_draining("GetModelInfo", context)
-        m = self._bundle.manifest
+        model = await self._pick("GetModelInfo", context, request.model, request.model_version)
         return pb.ModelInfo(
-            name=m.name,
-            cell=m.cell,
-            vocab_size=len(self._bundle.vocab),
-            provider=self._provider,
-            manifest_json=self._manifest_json,
+            name=model.name,
+            cell=model.bundle.manifest.cell,
+            vocab_size=len(model.bundle.vocab),
+            provider=model.provider,
+            manifest_json=model.manifest_json,
             max_k=self._config.max_k,
             max_text_chars=self._config.max_text_chars,
+            version=model.version,
         )
 
     # ---- drain ---------------------------------------------------------------
@@ -297,8 +292,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         await self._drained(context)
 
     async def _open(
-        self, context: grpc.aio.ServicerContext, session_id: str, stream: Stream
+        self, context: grpc.aio.ServicerContext, session_id: str, stream: Stream, request: pb.SessionRequest
     ) -> SessionRecord:
+        """The session a stream's first request names (resumed) or a new one on the model it asks for."""
         principal = PRINCIPAL.get()
         if session_id:
             session = await self._resume(context, session_id, principal)
@@ -313,13 +309,43 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     f"{self._config.session_ttl:g} s, see --session-ttl); "
                     "start a new session by sending no session_id",
                 )
+            if request.model or request.model_version:
+                await self._same_model(context, session, request)
         else:
+            model = await self._pick("Session", context, request.model, request.model_version)
             try:
                 session = self._sessions.create(self._config.default_k, principal)
             except SessionTableFull as exc:
                 await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            self.models.hold(session, model)
         self._sessions.attach(session, stream)
         return session
+
+    async def _pick(
+        self, method: str, context: grpc.aio.ServicerContext, name: str, version: str
+    ) -> ModelVersion:
+        """The model version a new session or a one-shot call asks for; NOT_FOUND if none serves it."""
+        try:
+            return self.models.pick(name, version)
+        except ModelNotFound as exc:
+            await self._fail(method, context, grpc.StatusCode.NOT_FOUND, str(exc))
+
+    async def _same_model(
+        self, context: grpc.aio.ServicerContext, session: SessionRecord, request: pb.SessionRequest
+    ) -> None:
+        """A request of a running session may name its model and version, but no other."""
+        model = session.model
+        assert model is not None
+        if (request.model and request.model != model.name) or (
+            request.model_version and request.model_version != model.version
+        ):
+            await self._fail(
+                "Session",
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"session {session.id} runs on model {model.name!r} version {model.version!r} to its "
+                "end; leave model and model_version empty, or start a new session for another model",
+            )
 
     async def _resume(
         self, context: grpc.aio.ServicerContext, session_id: str, principal: str
@@ -345,13 +371,18 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             return local
         if record is None:
             return local
-        if record.principal != principal or record.model != self._fingerprint:
+        model = self.models.by_fingerprint(record.model)  # retired versions too: a session keeps its own
+        if record.principal != principal or model is None:
             return None
+        if local is not None and local.model is not model:  # cannot be one session: the store's wins
+            self._sessions.forget(local)
+            local = None
         if local is None:
             try:
                 local = self._sessions.create(record.k, principal, session_id)
             except SessionTableFull as exc:
                 await self._fail("Session", context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            self.models.hold(local, model)
         async with local.lock:  # a request of another stream still in flight finishes first
             if local.seq < record.seq:
                 self._restore(local, record)
@@ -374,13 +405,15 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _restore(self, session: SessionRecord, record: Record) -> None:
         """Make ``session`` what ``record`` says (its state into a slot of its own)."""
-        slot = self._pool.alloc()
+        assert session.model is not None
+        pool = session.model.pool
+        slot = pool.alloc()
         try:
-            self._pool.load(slot, record.state)
+            pool.load(slot, record.state)
         except ValueError:  # cannot happen for one fingerprint; never load a wrong state
-            self._pool.free(slot)
+            pool.free(slot)
             raise
-        self._pool.free(session.slot)
+        pool.free(session.slot)
         session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
         session.k, session.seq = record.k, record.seq
         session.user_words = UserWords(record.user_words) if record.user_words else NO_USER_WORDS
@@ -393,6 +426,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         stream: Stream,
         request: pb.SessionRequest,
     ) -> pb.SessionReply:
+        model = session.model
+        assert model is not None
         async with session.lock:  # one request of a session at a time, even across streams
             if request.reset:
                 src, pending, context_tokens = INITIAL, "", 0
@@ -404,15 +439,24 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 strip = replace(strip, passed=(), shown=())
             caller = _Caller("Session", context, session.id)
             step = await self._apply_text(
-                caller, src, pending, context_tokens, request.text, k, keep=True, session=session, strip=strip
+                caller,
+                model,
+                src,
+                pending,
+                context_tokens,
+                request.text,
+                k,
+                keep=True,
+                session=session,
+                strip=strip,
             )
             # While the model ran, another stream may have resumed this session: it owns it now.
             if session.stream is not stream:
                 if step.slot != src:
-                    self._pool.free(step.slot)
+                    model.pool.free(step.slot)
                 await self._superseded(context)
             if step.slot != session.slot:
-                self._pool.free(session.slot)
+                model.pool.free(session.slot)
             session.slot, session.pending, session.context_tokens = (
                 step.slot,
                 step.pending,
@@ -421,11 +465,17 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             session.k, session.user_words, session.strip = k, step.user_words, step.strip
             session.seq += 1
             self._sessions.touch(session)
-            return pb.SessionReply(session_id=session.id, prediction=step.prediction, seq=session.seq)
+            return pb.SessionReply(
+                session_id=session.id,
+                prediction=step.prediction,
+                seq=session.seq,
+                model_version=model.version,
+            )
 
     async def _apply_text(
         self,
         caller: _Caller,
+        model: ModelVersion,
         src: int,
         pending: str,
         context_tokens: int,
@@ -442,10 +492,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         With a ``session`` and a store, its record goes to the store with the new state.
         """
         tokens, partial, ticket = await self._cost(caller, pending, text)
-        ids = self._bundle.vocab.encode(tokens)
+        ids = model.bundle.vocab.encode(tokens)
+        ranker = model.ranker
         # A one-shot prediction's words are its text's; a session's, every text it was sent.
         user_words = (NO_USER_WORDS if session is None else session.user_words).after(
-            self._ranker.unknown(tokens, ids)
+            ranker.unknown(tokens, ids)
         )
         passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
         record = None
@@ -453,6 +504,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             # What this reply will show is not known until after the step: not stored.
             record = self._record(
                 session,
+                model.fingerprint,
                 k,
                 context_tokens + len(tokens),
                 partial,
@@ -460,14 +512,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 replace(strip, passed=passed, shown=()),
             )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
-        whole = bool(partial) or k > self._ranker.graph_k
+        whole = bool(partial) or k > ranker.graph_k
         # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
         # sequences, has one step open at a time here, yet its next requests wait to share the call.)
         shared = session is not None and session.stream is not None and session.stream.shared
         lone = session is not None and len(self._streams) == 1 and not shared
-        scores, slot = await self._model(ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone)
+        scores, slot = await self._model(
+            model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone
+        )
         context_tokens += len(tokens)
-        prediction = self._ranker.predict(
+        prediction = ranker.predict(
             scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
         )
         return _Applied(
@@ -476,6 +530,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     async def _model(
         self,
+        model: ModelVersion,
         ids: list[int],
         src: int,
         ticket: Ticket,
@@ -488,10 +543,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """Feed token ``ids`` from the state in slot ``src`` (with none, read that state): the next word's
         scores, and the slot of the new state (with ``keep`` a fresh one the caller now holds)."""
         slot = src
+        pool = model.pool
         try:
             if ids:
-                slot = self._pool.alloc() if keep else DISCARD
-                scores = await self._batcher.advance(
+                slot = pool.alloc() if keep else DISCARD
+                scores = await model.batcher.advance(
                     ids,
                     src,
                     slot,
@@ -501,11 +557,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     lone=lone,
                 )
             else:
-                scores = await self._batcher.peek(src, whole_distribution=whole, record=record, lone=lone)
+                scores = await model.batcher.peek(src, whole_distribution=whole, record=record, lone=lone)
                 ticket.release(1)
         except BaseException:
             if keep and slot != src:
-                self._pool.free(slot)
+                pool.free(slot)
             raise
         finally:
             ticket.close()
@@ -514,6 +570,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     def _record(
         self,
         session: SessionRecord,
+        fingerprint: str,
         k: int,
         context_tokens: int,
         partial: str,
@@ -524,7 +581,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         return Record(
             session.id,
             session.principal,
-            self._fingerprint,
+            fingerprint,
             k,
             session.seq + 1,
             context_tokens,
@@ -606,18 +663,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         await self._fail(caller.method, caller.context, code, message)
 
     # ---- errors --------------------------------------------------------------
-    async def _validate(
-        self, method: str, context: grpc.aio.ServicerContext, text: str, k: int, model: str
-    ) -> None:
-        config, name = self._config, self._bundle.manifest.name
-        if model and model != name:
-            await self._fail(
-                method,
-                context,
-                grpc.StatusCode.NOT_FOUND,
-                f"model {quote(model)} is not served here; this server serves {name!r} "
-                "(leave model empty for the default)",
-            )
+    async def _validate(self, method: str, context: grpc.aio.ServicerContext, text: str, k: int) -> None:
+        config = self._config
         caller = _Caller(method, context, "")
         if len(text) > config.max_text_chars:
             await self._refuse(

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from nextword.ranking import NO_USER_WORDS, StripState, UserWords
 
+from .model import ModelVersion
 from .state import INITIAL
 
 
@@ -68,6 +69,7 @@ class SessionRecord:
     taken: bool = False  # another process claimed it: forgotten here once its stream ends
     last_used: float = field(default_factory=time.monotonic)
     stream: Stream | None = None  # the stream attached, if any
+    model: ModelVersion | None = None  # the model version it runs on, to its end (server/repository.py)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one request at a time
 
 

@@ -61,6 +61,7 @@ YOUNG = 10.0  # seconds: a worker that dies sooner than this after its start die
 def worker_main(config: ServerConfig, ports: Any, ready: Any) -> None:
     """A worker process: one server on the shared port until the supervisor says stop."""
     _die_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a rescan asked for while loading: it loads anyway
     logging.basicConfig(
         level=config.log_level.upper(),
         format=f"%(asctime)s %(levelname)s %(name)s[worker {config.worker}]: %(message)s",
@@ -136,13 +137,19 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers, keep them running until SIGTERM/SIGINT, stop them; the exit code."""
-        manifest = load_bundle(self.config.model).manifest  # a bad --model fails here, once
+        repository = self.config.model_repository
+        if repository is None:
+            served = load_bundle(self.config.model).manifest  # a bad --model fails here, once
+            name, cell = served.name, served.cell
+        else:  # each worker loads the repository itself, and refuses to start when nothing loads
+            name, cell = f"repository:{repository}", "models"
         holder, port = _hold_port(self.config.host, self.config.port)
         store_dir, spec = self._store()
         worker = self.worker_config(port, spec)
         endpoint = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._rescan)
         try:
             for index in range(self.count):
                 self._start(worker, index)
@@ -150,8 +157,8 @@ class Supervisor:
             endpoint = self._metrics_endpoint()
             log.info(
                 "nextword serving %s (%s, %s, %s) on %s:%d, metrics on :%d, %d workers",
-                manifest.name,
-                manifest.cell,
+                name,
+                cell,
                 provider,
                 _threads(self.config.intra_op_threads),
                 self.config.host,
@@ -261,6 +268,13 @@ class Supervisor:
         if not self._stopping:
             log.info("stopping %d workers (each drains within --grace %g s)", self.count, self.config.grace)
         self._stopping = True
+
+    def _rescan(self, signum: int, frame: object) -> None:
+        """SIGHUP: every worker looks at the model repository now."""
+        for proc in self._procs:
+            if proc is not None and proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGHUP)
 
     def _stop_all(self) -> None:
         procs = [p for p in self._procs if p is not None]

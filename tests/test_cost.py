@@ -360,9 +360,13 @@ async def test_prefill_calls_are_bounded_and_private_slots_freed(lm: OnnxLM) -> 
     finally:
         await batcher.close()
     registry = metrics.registry
-    calls = registry.get_sample_value("nextword_batch_size_count")
-    assert registry.get_sample_value("nextword_batch_size_bucket", {"le": "2.0"}) == calls  # 8 tokens a call
-    assert registry.get_sample_value("nextword_words_total") == sum(len(p) for p in pastes)
+    model = {"model": "", "version": ""}  # a batcher made outside a repository
+    calls = registry.get_sample_value("nextword_batch_size_count", model)
+    assert calls
+    assert (
+        registry.get_sample_value("nextword_batch_size_bucket", {"le": "2.0", **model}) == calls
+    )  # 8 tokens a call
+    assert registry.get_sample_value("nextword_words_total", model) == sum(len(p) for p in pastes)
 
 
 async def test_the_model_thread_runs_calls_in_order_off_the_loop_and_returns_their_errors() -> None:

@@ -18,6 +18,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nextword.bundle import load_bundle
 from nextword.clients.client import AsyncNextWordClient, Reconnect
 from nextword.server.config import ServerConfig, usable_cores
 from nextword.server.workers import Supervisor
@@ -253,7 +254,8 @@ async def test_a_load_over_several_connections_reaches_every_worker(tiny_bundle:
         )
         assert await asyncio.wait_for(load.wait(), timeout=60) == 0
         words = server.metric("nextword_words_total")
-        assert sorted(words) == ['{worker="0"}', '{worker="1"}']
+        model = f'model="{load_bundle(tiny_bundle).manifest.name}",version="1"'
+        assert sorted(words) == [f'{{{model},worker="0"}}', f'{{{model},worker="1"}}']
         assert all(count > 0 for count in words.values()), words
 
 

@@ -128,7 +128,17 @@ def assert_same(a: pb.Prediction, b: pb.Prediction) -> None:
 
 
 def sample(running: RunningServer, name: str, **labels: str) -> float:
-    return running.metrics.registry.get_sample_value(name, labels) or 0.0
+    """The samples ``name`` whose labels include ``labels``, summed (over models and versions too)."""
+    return _summed(running.metrics.registry, name, **labels)
+
+
+def _summed(registry: Any, name: str, **labels: str) -> float:
+    return sum(
+        s.value
+        for family in registry.collect()
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
 
 
 async def expect_error(call: Any, code: grpc.StatusCode, *fragments: str) -> None:
@@ -405,12 +415,12 @@ async def test_batcher_groups_and_scatters(tiny_bundle: Path) -> None:
             np.testing.assert_allclose(np.exp(answer.top_values).sum() <= 1, True)
     finally:
         await batcher.close()
-    calls_made = metrics.registry.get_sample_value("nextword_batch_size_count")
-    served = metrics.registry.get_sample_value("nextword_batch_size_sum")
+    calls_made = _summed(metrics.registry, "nextword_batch_size_count")
+    served = _summed(metrics.registry, "nextword_batch_size_sum")
     # Several requests at once: a request of several tokens runs a token a call, beside the others.
-    assert served == sum(len(t) for t in calls) + 3 and calls_made is not None and calls_made < served
-    assert metrics.registry.get_sample_value("nextword_words_total") == sum(len(t) for t in calls)
-    assert metrics.registry.get_sample_value("nextword_queue_wait_seconds_count") == served
+    assert served == sum(len(t) for t in calls) + 3 and 0 < calls_made < served
+    assert _summed(metrics.registry, "nextword_words_total") == sum(len(t) for t in calls)
+    assert _summed(metrics.registry, "nextword_queue_wait_seconds_count") == served
 
 
 async def test_state_pool_grows_and_reuses_slots(tiny_bundle: Path) -> None:
@@ -696,7 +706,7 @@ async def test_a_burst_of_new_streams_is_answered_in_full(tiny_bundle: Path) -> 
 
 
 async def test_warm_up_runs_every_small_batch_size_and_a_ladder_above() -> None:
-    from nextword.server.app import warm_sizes
+    from nextword.server.repository import warm_sizes
 
     assert warm_sizes(64) == list(range(1, 65))  # the CPU default: every size a batch can have
     big = warm_sizes(4096)  # a GPU's: every size to 128, then 25% apart (not 4,096 calls at startup)

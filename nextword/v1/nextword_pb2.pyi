@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SessionRequest(_message.Message):
-    __slots__ = ("session_id", "text", "reset", "k", "model", "strip")
+    __slots__ = ("session_id", "text", "reset", "k", "model", "strip", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRIP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     reset: bool
     k: int
     model: str
     strip: Strip
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Strip(_message.Message):
     __slots__ = ("policy", "no_repeat")
@@ -40,32 +42,38 @@ class Strip(_message.Message):
     def __init__(self, policy: _Optional[_Union[Strip.Policy, str]] = ..., no_repeat: _Optional[bool] = ...) -> None: ...
 
 class SessionReply(_message.Message):
-    __slots__ = ("session_id", "prediction", "seq")
+    __slots__ = ("session_id", "prediction", "seq", "model_version")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prediction: Prediction
     seq: int
-    def __init__(self, session_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    model_version: str
+    def __init__(self, session_id: _Optional[str] = ..., prediction: _Optional[_Union[Prediction, _Mapping]] = ..., seq: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("text", "k", "model", "strip")
+    __slots__ = ("text", "k", "model", "strip", "model_version")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STRIP_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     text: str
     k: int
     model: str
     strip: Strip
-    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, text: _Optional[str] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class PredictReply(_message.Message):
-    __slots__ = ("prediction",)
+    __slots__ = ("prediction", "model_version")
     PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     prediction: Prediction
-    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("suggestions", "completions", "partial", "context_tokens")
@@ -88,11 +96,15 @@ class Suggestion(_message.Message):
     def __init__(self, word: _Optional[str] = ..., prob: _Optional[float] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "cell", "vocab_size", "provider", "manifest_json", "max_k", "max_text_chars")
+    __slots__ = ("name", "cell", "vocab_size", "provider", "manifest_json", "max_k", "max_text_chars", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +112,7 @@ class ModelInfo(_message.Message):
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     cell: str
     vocab_size: int
@@ -107,4 +120,5 @@ class ModelInfo(_message.Message):
     manifest_json: str
     max_k: int
     max_text_chars: int
-    def __init__(self, name: _Optional[str] = ..., cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., provider: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., cell: _Optional[str] = ..., vocab_size: _Optional[int] = ..., provider: _Optional[str] = ..., manifest_json: _Optional[str] = ..., max_k: _Optional[int] = ..., max_text_chars: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
