@@ -344,7 +344,7 @@ async def _grpc_server(
     )
     health_servicer = HealthServicer()
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    alpha, v1 = reflection.servicers((SERVICE_NAME, health.SERVICE_NAME))
+    alpha, v1 = reflection.servicers((SERVICE_NAME, health.SERVICE_NAME), kserve.SERVICE)
     # Through the guard, not the generated add_*_to_server helpers: requests that do not decode get
     # INVALID_ARGUMENT instead of UNKNOWN and a traceback; NextWord calls are authenticated.
     server.add_generic_rpc_handlers(

@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -120,6 +120,21 @@ def _parameter(request: Any, name: str) -> Any:
     return getattr(param, kind) if kind else None
 
 
+class _OneRequest:
+    """A stream's context as one of its requests sees it: a refusal of the request (the NextWord
+    servicer's ``abort``: a limit, an unknown session) becomes that request's ``error_message``,
+    and the stream, with its other sequences, goes on."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> NoReturn:
+        raise Invalid(code, details)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class KServeServicer:
     """``inference.GRPCInferenceService`` answered by the NextWord servicer's own session steps."""
 
@@ -204,11 +219,13 @@ class KServeServicer:
 
         open_sequences: set[tuple[str, str]] = set()  # begun on this stream and not ended
 
+        own = cast(grpc.aio.ServicerContext, _OneRequest(context))
+
         async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
             if after is not None:
                 await asyncio.wait([after])  # the sequence's previous request first
             try:
-                response = await self._infer(request, context, held)
+                response = await self._infer(request, own, held)
                 await answers.put(self._stream_response(infer_response=response))
             except Invalid as exc:
                 await answers.put(self._stream_response(error_message=f"{exc.code.name}: {exc}"))

@@ -68,7 +68,35 @@ class ReflectionV1:
             yield self._reply.FromString(reply.SerializeToString())
 
 
-def servicers(names: tuple[str, ...]) -> tuple[Any, ReflectionV1]:
-    """The v1alpha and v1 servicers, listing ``names`` and both reflection services."""
-    alpha = reflection.aio.ReflectionServicer((*names, reflection.SERVICE_NAME, V1_SERVICE_NAME))  # type: ignore[attr-defined]
+def servicers(names: tuple[str, ...], *private: ServiceDescriptor) -> tuple[Any, ReflectionV1]:
+    """The v1alpha and v1 servicers, listing and describing ``names``, the ``private`` services
+    (those whose messages live in a descriptor pool of their own, as KServe's do: see
+    server/kserve.py) and both reflection services."""
+    listed = (*names, *(s.full_name for s in private), reflection.SERVICE_NAME, V1_SERVICE_NAME)
+    pool = _pool_of(names, private)
+    alpha = reflection.aio.ReflectionServicer(listed, pool=pool)  # type: ignore[attr-defined]
     return alpha, ReflectionV1(alpha)
+
+
+def _pool_of(
+    names: tuple[str, ...], private: tuple[ServiceDescriptor, ...]
+) -> descriptor_pool.DescriptorPool:
+    """One pool with the files of every service reflection describes, and their imports: the
+    default pool's and the private pools' files side by side (their packages differ)."""
+    default = descriptor_pool.Default()
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:  # imports first
+            add(dependency)
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(file.serialized_pb))
+        added.add(file.name)
+
+    for name in (*names, reflection.SERVICE_NAME, V1_SERVICE_NAME):
+        add(default.FindServiceByName(name).file)
+    for service in private:
+        add(service.file)
+    return pool

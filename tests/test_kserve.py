@@ -168,3 +168,33 @@ def test_bad_requests_get_a_status_and_a_message(client: Any, model: str) -> Non
     assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
     with pytest.raises(InferenceServerException, match="max-text-chars"):
         client.infer(model, _text("x" * 10_000))
+
+
+def test_a_refused_streamed_request_gets_an_error_message_and_the_stream_goes_on(
+    client: Any, model: str
+) -> None:
+    """A request the server refuses (here: text over --max-text-chars) is answered with its own
+    error on the stream; the sequences beside it, and later requests, are served as before."""
+    answers: queue.Queue[Any] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(
+            model, _text(PIECES[0]), request_id="a0", sequence_id=31, sequence_start=True
+        )
+        client.async_stream_infer(
+            model, _text("x" * 10_000), request_id="b0", sequence_id=32, sequence_start=True
+        )
+        first = [answers.get(timeout=20) for _ in range(2)]
+        client.async_stream_infer(model, _text(PIECES[1]), request_id="a1", sequence_id=31)
+        later = answers.get(timeout=20)
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in first if error is not None]
+    assert len(errors) == 1 and "max-text-chars" in errors[0].message(), first
+    result, error = later
+    assert error is None and result.get_response().id == "a1"
+    alone = [
+        _words(client.infer(model, _text(p), sequence_id=33, sequence_start=j == 0))
+        for j, p in enumerate(PIECES[:2])
+    ]
+    assert _words(result) == alone[1]

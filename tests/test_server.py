@@ -508,7 +508,13 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
     call = info()
     await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {s.name for s in (await call.read()).list_services_response.service}
-    for symbol in ("nextword.v1.NextWord", f"grpc.reflection.{version}.ServerReflection"):
+    # KServe's service too, though its messages live in a descriptor pool of their own.
+    for symbol in (
+        "nextword.v1.NextWord",
+        f"grpc.reflection.{version}.ServerReflection",
+        "inference.GRPCInferenceService",
+        "inference.ModelInferRequest",
+    ):
         await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol))
         files = (await call.read()).file_descriptor_response.file_descriptor_proto
         packages = {descriptor_pb2.FileDescriptorProto.FromString(f).package for f in files}
@@ -519,6 +525,7 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
         "grpc.reflection.v1.ServerReflection",
+        "inference.GRPCInferenceService",
     } <= names
 
 
