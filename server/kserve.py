@@ -216,10 +216,8 @@ class KServeServicer:
         answers: asyncio.Queue[Any] = asyncio.Queue()
         last: dict[tuple[str, str], asyncio.Task[None]] = {}  # each sequence's latest request
         running: set[asyncio.Task[None]] = set()
-
         open_sequences: set[tuple[str, str]] = set()  # begun on this stream and not ended
-
-        own = cast(grpc.aio.ServicerContext, _OneRequest(context))
+        own = cast(grpc.aio.ServicerContext, _OneRequest(context))  # refusals answer one request
 
         async def answer(request: Any, after: asyncio.Task[None] | None) -> None:
             if after is not None:
