@@ -241,7 +241,10 @@ class Repository:
             try:
                 model = await self._load(name, version, folder)
             except ModelLoadError as exc:
-                self.refused[(name, version)] = _Refused(sig, str(exc))
+                # The index shows callers the reason without this machine's paths (the log keeps them).
+                self.refused[(name, version)] = _Refused(
+                    sig, str(exc).replace(str(folder), f"{name}/{version}")
+                )
                 self.metrics.model_loads.labels(name, version, "refused").inc()
                 log.error(
                     "model %s version %s refused: %s; the versions serving go on serving", name, version, exc

@@ -174,6 +174,7 @@ def test_a_corrupt_version_is_refused_and_the_one_serving_goes_on(
             refused = _until(version_2, "version 2 was never refused")
             assert refused["state"] == "UNAVAILABLE"
             assert "does not match its sha256 in the manifest" in refused["reason"]
+            assert str(repo) not in refused["reason"] and refused["reason"].startswith("tiny/2: ")
             assert kserve.is_model_ready("tiny", "1") and not kserve.is_model_ready("tiny", "2")
         finally:
             kserve.close()
