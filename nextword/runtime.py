@@ -85,10 +85,21 @@ def _cuda_device_present() -> bool:
 class OnnxLM:
     """A bundle's step and head graphs in onnxruntime sessions."""
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", threads: int = 0, spin: bool = True) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        threads: int = 0,
+        spin: bool = True,
+        spin_between_calls: bool = True,
+    ) -> None:
         """``threads``: intra-op threads (0: onnxruntime's default, one per core).
-        ``spin``: let those threads spin between calls (a little faster alone; a server whose event
-        loop shares the cores turns it off, so idle threads do not take the loop's CPU)."""
+        ``spin``: let those threads spin while they wait for work (faster calls; a server whose
+        event loops share the cores, several workers, turns it off, so idle threads do not take
+        the loops' CPU). ``spin_between_calls`` False: spin within a call only, stopping as it
+        returns: a lone server's pool would otherwise hold a core just when the event loop and
+        gRPC need it to send the reply (one stream's reply waited about 0.3 ms instead of 0.12)."""
         self.bundle = bundle
         m = bundle.manifest
         opts = ort.SessionOptions()
@@ -97,6 +108,8 @@ class OnnxLM:
             opts.intra_op_num_threads = threads
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif not spin_between_calls:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         opts.inter_op_num_threads = 1
         providers = choose_providers(device)
         try:

@@ -199,8 +199,9 @@ class ServerConfig:
 
     @property
     def onnx_spin(self) -> bool:
-        """Whether onnxruntime's threads spin between calls: only a lone worker's, since several
-        workers share the cores and a spinning pool would take them from the others' event loops."""
+        """Whether onnxruntime's threads spin while waiting for work: only a lone worker's, and only
+        within a call (server/repository.py); several workers share the cores, and a spinning pool
+        would take them from the others' event loops."""
         return self.worker_count == 1
 
     @property

@@ -271,7 +271,13 @@ class Repository:
 
         def load() -> tuple[Bundle, OnnxLM]:
             bundle = load_bundle(folder)
-            lm = OnnxLM(bundle, device=config.device, threads=config.intra_op_threads, spin=config.onnx_spin)
+            lm = OnnxLM(
+                bundle,
+                device=config.device,
+                threads=config.intra_op_threads,
+                spin=config.onnx_spin,
+                spin_between_calls=False,
+            )
             if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
                 # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
                 raise ModelLoadError(
