@@ -5,7 +5,8 @@
 (run from the repository root, with ``../shared/data`` beside it). Simulates typing the
 first ``--chars`` characters of every file of ``mixed/test-by-source/`` and of the Gutenberg
 test split with a 3-word strip (``nextword/ksr.py``, what ``nextword eval --ksr`` runs),
-once per strip: by probability or by keystrokes, each with and without ``no_repeat``.
+once per strip: by probability or by keystrokes, each with and without ``no_repeat``, and the
+keystrokes strip with no repeats learning its user (``Strip.learn``: the session's cache).
 Every row offers the words the model cannot name once the text has used them, as a session
 does. The table goes under ``## Keystroke savings by source`` in ``benchmarks/RESULTS.md``
 (only that section). Beside them, Presage's 3-gram built from the text the bundle was trained
@@ -29,12 +30,19 @@ from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
 from nextword.bundle import load_bundle
 from nextword.ksr import keystroke_savings
-from nextword.ranking import KEYSTROKES, PROBABILITY
+from nextword.ranking import CACHE_WEIGHT, KEYSTROKES, PROBABILITY
 from nextword.runtime import OnnxLM
 
 SECTION = "## Keystroke savings by source"
 DATA = ROOT.parent / "shared" / "data"
-STRIPS = ((PROBABILITY, False), (PROBABILITY, True), (KEYSTROKES, False), (KEYSTROKES, True))
+# (policy, no_repeat, learn): the strips a request can choose, the last as the demo page asks for it
+STRIPS = (
+    (PROBABILITY, False, False),
+    (PROBABILITY, True, False),
+    (KEYSTROKES, False, False),
+    (KEYSTROKES, True, False),
+    (KEYSTROKES, True, True),
+)
 SLOTS = 3
 
 
@@ -45,20 +53,32 @@ def texts(data: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path.is_file()}
 
 
-def simulate(bundle: Path, path: Path, chars: int, policy: str, no_repeat: bool) -> dict[str, float]:
+def simulate(
+    bundle: Path, path: Path, chars: int, policy: str, no_repeat: bool, learn: bool
+) -> dict[str, float]:
     lm = OnnxLM(load_bundle(bundle), device="cpu", threads=1)
     text = path.read_text(encoding="utf-8")
-    return keystroke_savings(lm, text, slots=SLOTS, max_chars=chars, policy=policy, no_repeat=no_repeat)
+    return keystroke_savings(
+        lm,
+        text,
+        slots=SLOTS,
+        max_chars=chars,
+        policy=policy,
+        no_repeat=no_repeat,
+        learn=CACHE_WEIGHT if learn else 0.0,
+    )
 
 
 def render(
     args: argparse.Namespace,
     names: list[str],
-    ksr: dict[tuple[str, str, bool], float],
+    ksr: dict[tuple[str, str, bool, bool], float],
     presage: dict[tuple[str, str], float],
 ) -> str:
     mach = machine()
-    head = " | ".join(f"nextword {p}{' + no repeat' if r else ''}" for p, r in STRIPS)
+    head = " | ".join(
+        f"nextword {p}{' + no repeat' if r else ''}{' + learn' if n else ''}" for p, r, n in STRIPS
+    )
     train = TRAIN_FILE.get(args.presage_corpus, "train.txt")
     lines = [
         f"`python -m benchmarks.ksr_sources --bundle {args.bundle} --presage-corpus {args.presage_corpus}` "
@@ -71,22 +91,23 @@ def render(
         "text the demo was trained on), online learning off, hiding (no) or re-offering (yes) what "
         "it showed within a word, and learning as it types (its default; repeats no). Ratios: "
         "nextword's keystrokes strip with no repeats against Presage with none (both hide what "
-        "was passed over), learning off and on.",
+        "was passed over), both not learning; then nextword's same strip learning its user "
+        "(`Strip.learn`, λ = 0.05, as the demo page asks) against Presage learning off and on.",
         "",
         f"| text | {head} | Presage, repeats no | Presage, repeats yes | Presage learning | ratio | "
-        "ratio to learning |",
-        "|---|" + "---|" * (len(STRIPS) + 5),
+        "ratio, nextword learning | ratio, both learning |",
+        "|---|" + "---|" * (len(STRIPS) + 6),
     ]
     for name in names:
-        cells = [ksr[(name, p, r)] for p, r in STRIPS]
+        cells = [ksr[(name, *strip)] for strip in STRIPS]
         best = max(cells)
-        ours = ksr[(name, KEYSTROKES, True)]
+        ours, learned = ksr[(name, KEYSTROKES, True, False)], ksr[(name, KEYSTROKES, True, True)]
         theirs, learning = presage[(name, "no")], presage[(name, "learn")]
         lines.append(
             f"| {name} | "
             + " | ".join(f"**{c:.2%}**" if c == best else f"{c:.2%}" for c in cells)
             + f" | {theirs:.2%} | {presage[(name, 'yes')]:.2%} | {learning:.2%} | "
-            + f"**{ours / theirs:.2f}×** | {ours / learning:.2f}× |"
+            + f"**{ours / theirs:.2f}×** | **{learned / theirs:.2f}×** | {learned / learning:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -130,19 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     if not found:
         print(f"ksr_sources: no test texts under {args.data_root}", file=sys.stderr)
         return 2
-    jobs = {
-        (name, policy, no_repeat): (path, policy, no_repeat)
-        for name, path in found.items()
-        for policy, no_repeat in STRIPS
-    }
     with ProcessPoolExecutor(max_workers=2) as pool:
         futures = {
-            key: pool.submit(simulate, args.bundle, path, args.chars, policy, rep)
-            for key, (path, policy, rep) in jobs.items()
+            (name, *strip): pool.submit(simulate, args.bundle, path, args.chars, *strip)
+            for name, path in found.items()
+            for strip in STRIPS
         }
         ksr = {key: future.result()["ksr"] for key, future in futures.items()}
     for key, value in ksr.items():
-        print(f"{key[0]:22s} {key[1]:12s} no_repeat={key[2]!s:5s} {value:.2%}", flush=True)
+        print(
+            f"{key[0]:22s} {key[1]:12s} no_repeat={key[2]!s:5s} learn={key[3]!s:5s} {value:.2%}", flush=True
+        )
     presage = presage_ksr(args, found)
     for (name, how), value in presage.items():
         print(f"{name:22s} presage      {how:5s}    {value:.2%}", flush=True)

@@ -152,6 +152,7 @@ class CompleteOptions:
         choices=POLICIES,
     )
     no_repeat: bool = switch("within a word, do not offer again a word you typed past")
+    learn: bool = switch("learn as you type: the words you use often rise in the suggestions")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -168,7 +169,9 @@ def main(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(rpc_error_message(exc, conn.target), file=sys.stderr)
             return 1
-        completer = NextWordCompleter(client, k=opts.k, strip=strip_message(opts.strip, opts.no_repeat))
+        completer = NextWordCompleter(
+            client, k=opts.k, strip=strip_message(opts.strip, opts.no_repeat, opts.learn)
+        )
         print(
             f"{info.name} ({info.cell}, {info.provider}) at {conn.target}. "
             "Tab or arrows pick a word; Enter starts a new line; Ctrl-D quits."

@@ -7,7 +7,8 @@ JSON to it and gRPC to the server, with the client library any Python program us
 * ``GET /v1/session``, a WebSocket: each message ``{"text": "...", "k": 3, "reset": false}``
   is one request of one nextword session (the text is appended to what the session has
   read; ``reset`` starts over with it), answered by one message with the prediction and
-  the session's id and seq; the first message may name a ``session_id`` to resume;
+  the session's id and seq; the first message may name a ``session_id`` to resume, and ask
+  with ``"learn": true`` for a session that learns its user (``Strip.learn``);
 * ``GET /`` the demo page and ``GET /nextword.js`` its client (an ES module, no build step);
 * ``GET /metrics``: the gateway's own, for Prometheus (requests by route and answer, sockets).
 
@@ -41,6 +42,7 @@ from aiohttp import WSMsgType, web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from nextword.options import from_args, option
+from nextword.v1 import nextword_pb2 as pb
 
 from .channel import Credentials, CredentialsError
 from .client import AsyncNextWordClient, AsyncSession, Metadata, Prediction
@@ -222,8 +224,12 @@ async def session(request: web.Request) -> web.StreamResponse:
                 continue
             if stream is None:
                 named = data.get("session_id")
+                strip = pb.Strip(learn=True) if data.get("learn") is True else None
                 stream = request.app[CLIENT_KEY].session(
-                    named if isinstance(named, str) and named else resume, k or None, metadata=metadata
+                    named if isinstance(named, str) and named else resume,
+                    k or None,
+                    metadata=metadata,
+                    strip=strip,
                 )
             try:
                 prediction = await stream.send(text, reset=reset, k=k)

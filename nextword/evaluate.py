@@ -24,7 +24,7 @@ from nextword.bundle import BundleError, load_bundle
 from nextword.ksr import keystroke_savings
 from nextword.options import from_args, option, positional, required, switch
 from nextword.progress import progress
-from nextword.ranking import POLICIES, PROBABILITY
+from nextword.ranking import CACHE_WEIGHT, POLICIES, PROBABILITY
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import corpus_tokens, looks_pretokenized
 
@@ -47,6 +47,10 @@ class EvalOptions:
         choices=POLICIES,
     )
     no_repeat: bool = switch("keystroke savings: within a word, do not offer again what the user typed past")
+    learn: bool = switch(
+        f"keystroke savings: the strip learns its user (Strip.learn: a cache of the words typed, "
+        f"λ = {CACHE_WEIGHT})"
+    )
 
 
 def evaluate(
@@ -102,6 +106,7 @@ def main(args: argparse.Namespace) -> int:
                     max_chars=opts.ksr_chars,
                     policy=opts.strip,
                     no_repeat=opts.no_repeat,
+                    learn=CACHE_WEIGHT if opts.learn else 0.0,
                 )
             )
     except (BundleError, OSError, ValueError) as exc:
@@ -119,7 +124,8 @@ def _table(opts: EvalOptions, result: dict[str, Any]) -> str:
     if opts.ksr:
         lines.append(
             f"keystroke savings {result['ksr']:.2%} with {opts.slots} slots, {opts.strip} strip"
-            f"{', no repeats' if opts.no_repeat else ''}  ({result['keys']:,} of "
+            f"{', no repeats' if opts.no_repeat else ''}{', learning' if opts.learn else ''}"
+            f"  ({result['keys']:,} of "
             f"{result['keys_without_prediction']:,} keys, first {result['ksr_chars']:,} characters)"
         )
     return "\n".join(lines)

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from nextword.progress import progress
-from nextword.ranking import PROBABILITY, Ranker, Scores, UserWords
+from nextword.ranking import PROBABILITY, Ranker, Scores, UserWords, WordCache
 from nextword.runtime import OnnxLM
 from nextword.tokenizer import split_partial
 
@@ -88,11 +88,13 @@ def keystroke_savings(
     max_chars: int | None = None,
     policy: str = PROBABILITY,
     no_repeat: bool = False,
+    learn: float = 0.0,
 ) -> dict[str, Any]:
     """Simulate typing ``text`` (its first ``max_chars`` characters) with a ``slots``-word strip.
 
     ``policy`` fills the strip (``Ranker.predict``); ``no_repeat``: a word the strip showed
-    earlier in the same word, and the user passed over, is not shown again.
+    earlier in the same word, and the user passed over, is not shown again; ``learn`` (λ > 0):
+    the strip learns its user as a session with ``Strip.learn`` does (``WordCache``).
 
     Returns ``ksr`` (1 - keys / keys_without_prediction), ``keys`` (characters
     typed + suggestions taken), ``keys_without_prediction``, ``selections``,
@@ -104,8 +106,13 @@ def keystroke_savings(
     ranker = Ranker(lm.bundle.vocab, lexicon=lm.bundle.lexicon)
     keys = without = selections = words = 0
     starts = word_starts(lm, text, ranker)
-    for log_probs, _, word, user_words in progress(starts, desc="simulating typing", unit="word"):
-        typed = typed_before_offered(ranker, log_probs, word, slots, user_words, policy, no_repeat)
+    cache = WordCache()
+    for log_probs, before, word, user_words in progress(starts, desc="simulating typing", unit="word"):
+        if learn:  # the words typed so far, as the session's cache has them where this word begins
+            cache.add(ranker.cacheable(lm.bundle.vocab.encode(before)))
+        mixed = cache.mix(Scores(None, None, log_probs), learn).log_probs if learn else log_probs
+        assert mixed is not None
+        typed = typed_before_offered(ranker, mixed, word, slots, user_words, policy, no_repeat)
         if typed is None:  # typed in full, then the space
             keys += len(word) + 1
         else:  # typed a prefix, took the suggestion; the space comes with it
@@ -125,6 +132,7 @@ def keystroke_savings(
         "slots": slots,
         "policy": policy,
         "no_repeat": no_repeat,
+        "learn": learn,
     }
 
 

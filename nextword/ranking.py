@@ -7,6 +7,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Generic, Self, TypeVar
 
 import numpy as np
 
@@ -19,66 +20,93 @@ POLICIES = (PROBABILITY, KEYSTROKES)
 # can be offered then too (none for a word typed in full, which goes last). Ranking by probability × all the
 # letters left measured worse: 0.9-1.0 points of keystroke savings fewer than probability alone.
 GAIN_CAP = 1.0
+T = TypeVar("T")
 USER_WORDS = 128  # how many of a user's latest out-of-vocabulary words a session keeps
 USER_WORD_CHARS = 40  # a longer word is not kept (a session record stays a few kilobytes at most)
+CACHE_WORDS = 1000  # how many of a user's latest in-vocabulary words a learning session keeps
+# The cache's share of a learning session's next-word distribution (λ). Measured on mixed's
+# sources (benchmarks/cache_ksr.py): 0.05 gains 0.4-0.8 points of keystrokes on text unlike the
+# training text and loses nothing measurable on text like it; 0.1 gains a little more on the
+# former and starts to lose on the latter.
+CACHE_WEIGHT = 0.05
 
 
-class UserWords:
-    """The words a user typed lately that the model cannot name (outside its vocabulary).
+class _Recent(Generic[T]):
+    """The latest ``SIZE`` items a user typed, oldest first, repeats included, with how often
+    each is in the window. Immutable in use: ``after`` gives a new window (a session's is
+    replaced when its request is committed, never changed under a request in flight)."""
 
-    A window of the latest ``USER_WORDS`` such words, oldest first, repeats included:
-    a name or a word of today's slang the model reads as ``<unk>`` becomes a completion
-    as soon as the user has typed it once. The ranker gives such a word its share of the
-    model's ``<unk>`` probability, in proportion to how often it is in the window.
-    The window is part of a session: stored with it, and kept across ``reset``.
-    """
+    SIZE = 0
 
-    def __init__(self, words: Iterable[str] = ()) -> None:
-        self._window: deque[str] = deque(maxlen=USER_WORDS)
-        self._counts: Counter[str] = Counter()
-        self.add(words)
+    def __init__(self, items: Iterable[T] = ()) -> None:
+        self._window: deque[T] = deque(maxlen=self.SIZE)
+        self._counts: Counter[T] = Counter()
+        self.add(items)
 
-    def add(self, words: Iterable[str]) -> None:
-        """Append ``words`` (already out of the vocabulary), evicting the oldest beyond the bound."""
-        for word in words:
-            if len(word) > USER_WORD_CHARS:
+    def keeps(self, item: T) -> bool:
+        return True
+
+    def add(self, items: Iterable[T]) -> None:
+        """Append ``items``, evicting the oldest beyond the bound."""
+        for item in items:
+            if not self.keeps(item):
                 continue
             if len(self._window) == self._window.maxlen:
                 old = self._window[0]
                 self._counts[old] -= 1
                 if not self._counts[old]:
                     del self._counts[old]
-            self._window.append(word)
-            self._counts[word] += 1
+            self._window.append(item)
+            self._counts[item] += 1
 
-    def after(self, words: Sequence[str]) -> UserWords:
-        """These words with ``words`` added (self when there are none: the common case)."""
-        if not words:
+    def after(self, items: Sequence[T]) -> Self:
+        """This window with ``items`` added (self when there are none: the common case)."""
+        if not items:
             return self
-        grown = UserWords(self._window)
-        grown.add(words)
+        grown = type(self)(self._window)
+        grown.add(items)
         return grown
 
-    def words(self) -> list[str]:
+    def items(self) -> list[T]:
         """The window, oldest first (what a stored session keeps)."""
         return list(self._window)
+
+    def __len__(self) -> int:
+        return len(self._window)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._counts
+
+
+class UserWords(_Recent[str]):
+    """The words a user typed lately that the model cannot name (outside its vocabulary).
+
+    A window of the latest ``USER_WORDS`` such words: a name or a word of today's slang the
+    model reads as ``<unk>`` becomes a completion as soon as the user has typed it once. The
+    ranker gives such a word its share of the model's ``<unk>`` probability, in proportion to
+    how often it is in the window. The window is part of a session: stored with it, and kept
+    across ``reset``.
+    """
+
+    SIZE = USER_WORDS
+
+    def keeps(self, word: str) -> bool:
+        return len(word) <= USER_WORD_CHARS
+
+    def words(self) -> list[str]:
+        return self.items()
 
     def starting(self, prefix: str) -> list[tuple[str, float]]:
         """The words starting with ``prefix``, each with its share of the window."""
         total = len(self._window)
         return [(w, c / total) for w, c in self._counts.items() if w.startswith(prefix)]
 
-    def __len__(self) -> int:
-        return len(self._window)
 
-    def __contains__(self, word: object) -> bool:
-        return word in self._counts
-
-
-def strip_message(policy: str, no_repeat: bool) -> pb.Strip:
-    """The API's ``Strip`` for a policy name (``POLICIES``) and ``no_repeat``: what a client sends."""
+def strip_message(policy: str, no_repeat: bool, learn: bool = False) -> pb.Strip:
+    """The API's ``Strip`` for a policy name (``POLICIES``), ``no_repeat`` and ``learn``: what a
+    client sends."""
     value = pb.Strip.POLICY_KEYSTROKES if policy == KEYSTROKES else pb.Strip.POLICY_PROBABILITY
-    return pb.Strip(policy=value, no_repeat=no_repeat)
+    return pb.Strip(policy=value, no_repeat=no_repeat, learn=learn)
 
 
 @dataclass(frozen=True)
@@ -87,13 +115,14 @@ class StripState:
 
     policy: str = PROBABILITY
     no_repeat: bool = False
+    learn: bool = False  # mix in a cache of the user's own words (WordCache)
     passed: tuple[str, ...] = ()  # shown earlier in the current word, and typed past
     shown: tuple[str, ...] = ()  # shown by the latest reply
 
     def chosen(self, strip: pb.Strip) -> StripState:
         """This state under the settings a request chose (``Strip`` of the API)."""
         policy = KEYSTROKES if strip.policy == pb.Strip.POLICY_KEYSTROKES else PROBABILITY
-        return replace(self, policy=policy, no_repeat=strip.no_repeat)
+        return replace(self, policy=policy, no_repeat=strip.no_repeat, learn=strip.learn)
 
     def passing(self, *, new_word: bool, grew: bool) -> tuple[str, ...]:
         """The words not to offer now: none in a new word; in the same word, those passed over
@@ -111,6 +140,38 @@ class StripState:
 
 
 NO_USER_WORDS = UserWords()  # shared by every session with none: replaced (``after``), never added to
+
+
+class WordCache(_Recent[int]):
+    """The words of the vocabulary a user typed lately (their ids), for a session that learns
+    its user (``Strip.learn``): the simplest form of Grave et al.'s (2017) cache, a unigram of the
+    latest ``CACHE_WORDS`` such words mixed into the model's next-word distribution,
+
+        p(w) = (1 - λ) p_model(w) + λ c(w) / N,
+
+    so that the words this user repeats (a name, a topic, a habit) rise in the strip. Kept, like
+    ``UserWords``, with the session (stored with it, across ``reset``).
+    """
+
+    SIZE = CACHE_WORDS
+
+    def ids(self) -> list[int]:
+        return self.items()
+
+    def mix(self, scores: Scores, weight: float = CACHE_WEIGHT) -> Scores:
+        """``scores`` (with the whole distribution) mixed with this cache: the graph's own top-k
+        no longer holds, so only the mixed distribution is returned."""
+        assert scores.log_probs is not None, "mixing needs the whole distribution"
+        if not self._window or not weight:
+            return scores
+        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float64, count=len(self._counts))
+        mixed = scores.log_probs + math.log1p(-weight)
+        mixed[ids] = np.logaddexp(mixed[ids], np.log(weight * counts / len(self._window)))
+        return Scores(None, None, mixed)
+
+
+NO_CACHE = WordCache()  # shared by every session with none: replaced (``after``), never added to
 
 
 @dataclass(frozen=True)
@@ -140,6 +201,13 @@ class Ranker:
         self._sorted_words = [vocab.words[i] for i in by_word]
         self._sorted_ids = np.array(by_word, dtype=np.int64)
         self._lengths = np.array([len(w) for w in vocab.words], dtype=np.float64)  # keys a word costs
+        self._offerable = np.zeros(len(vocab.words), dtype=bool)
+        self._offerable[self._suggestable] = True
+
+    def cacheable(self, ids: Sequence[int]) -> list[int]:
+        """Those of ``ids`` a learning session's cache keeps: the words the strip may offer."""
+        offerable = self._offerable
+        return [i for i in ids if offerable[i]]
 
     def can_offer(self, word: str, user_words: UserWords | None = None) -> bool:
         """Whether some strip can show ``word``: a suggestable word of the vocabulary, a word of the

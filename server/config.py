@@ -8,6 +8,7 @@ from pathlib import Path
 
 from nextword.bundle import DEMO_BUNDLE
 from nextword.options import option, switch
+from nextword.ranking import CACHE_WEIGHT
 
 ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns metrics off
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -67,6 +68,11 @@ class ServerConfig:
         2000.0,
         "microseconds the event loop polls for a lone stream's next request after each reply instead "
         "of sleeping: the core and caches stay warm for one typist (costs that much CPU; 0: off)",
+    )
+    cache_weight: float = option(
+        CACHE_WEIGHT,
+        "share of the cache of a user's own words in the next-word distribution of a session "
+        "that asks to learn (Strip.learn; 0: learning sessions behave as others)",
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
@@ -167,6 +173,8 @@ class ServerConfig:
             raise ValueError(
                 f"invalid {', '.join(bad)}: must be positive (or 0: --grace, --threads, --store-interval)"
             )
+        if not 0 <= self.cache_weight < 1:
+            raise ValueError(f"invalid --cache-weight {self.cache_weight:g}: a share, from 0 up to (not) 1")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0 or self.lone_poll_us < 0:

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import grpc
 
-from nextword.ranking import NO_USER_WORDS, Scores, StripState, UserWords
+from nextword.ranking import NO_CACHE, NO_USER_WORDS, Ranker, Scores, StripState, UserWords, WordCache
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -59,7 +59,19 @@ class _Applied:
     pending: str
     context_tokens: int
     user_words: UserWords  # with the words of this text the model cannot name
+    cache: WordCache  # with this text's words of the vocabulary, when the strip learns
     strip: StripState  # with what this prediction showed
+
+
+def _typed(
+    session: SessionRecord | None, ranker: Ranker, tokens: list[str], ids: list[int], strip: StripState
+) -> tuple[UserWords, WordCache]:
+    """The user's words once ``tokens`` are typed: those the model cannot name, and (while the
+    strip learns) those it can. A one-shot prediction's are its text's; a session's, every text
+    it was sent."""
+    user_words = (NO_USER_WORDS if session is None else session.user_words).after(ranker.unknown(tokens, ids))
+    cache = NO_CACHE if session is None else session.cache
+    return user_words, cache.after(ranker.cacheable(ids)) if strip.learn else cache
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
@@ -417,6 +429,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         session.slot, session.pending, session.context_tokens = slot, record.pending, record.context_tokens
         session.k, session.seq = record.k, record.seq
         session.user_words = UserWords(record.user_words) if record.user_words else NO_USER_WORDS
+        session.cache = WordCache(record.cache) if record.cache else NO_CACHE
         session.strip = record.strip
 
     async def _answer(
@@ -463,6 +476,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 step.context_tokens,
             )
             session.k, session.user_words, session.strip = k, step.user_words, step.strip
+            session.cache = step.cache
             session.seq += 1
             self._sessions.touch(session)
             return pb.SessionReply(
@@ -494,10 +508,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         tokens, partial, ticket = await self._cost(caller, pending, text)
         ids = model.bundle.vocab.encode(tokens)
         ranker = model.ranker
-        # A one-shot prediction's words are its text's; a session's, every text it was sent.
-        user_words = (NO_USER_WORDS if session is None else session.user_words).after(
-            ranker.unknown(tokens, ids)
-        )
+        user_words, cache = _typed(session, ranker, tokens, ids, strip)
         passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
         record = None
         if session is not None and self._persister is not None:
@@ -510,9 +521,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 partial,
                 user_words,
                 replace(strip, passed=passed, shown=()),
+                cache,
             )
         # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
-        whole = bool(partial) or k > ranker.graph_k
+        learning = strip.learn and len(cache) > 0 and self._config.cache_weight > 0
+        whole = bool(partial) or k > ranker.graph_k or learning
         # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
         # sequences, has one step open at a time here, yet its next requests wait to share the call.)
         shared = session is not None and session.stream is not None and session.stream.shared
@@ -520,12 +533,14 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         scores, slot = await self._model(
             model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone
         )
+        if learning:
+            scores = cache.mix(scores, self._config.cache_weight)
         context_tokens += len(tokens)
         prediction = ranker.predict(
             scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
         )
         return _Applied(
-            prediction, slot, partial, context_tokens, user_words, strip.after(passed, prediction)
+            prediction, slot, partial, context_tokens, user_words, cache, strip.after(passed, prediction)
         )
 
     async def _model(
@@ -576,6 +591,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         partial: str,
         user_words: UserWords,
         strip: StripState,
+        cache: WordCache,
     ) -> Record:
         """What the store keeps of ``session`` once the request being answered is done."""
         return Record(
@@ -590,6 +606,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             session.epoch,
             tuple(user_words.words()),
             strip,
+            tuple(cache.ids()),
         )
 
     async def _cost(self, caller: _Caller, pending: str, text: str) -> tuple[list[str], str, Ticket]:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nextword.ranking import NO_USER_WORDS, StripState, UserWords
+from nextword.ranking import NO_CACHE, NO_USER_WORDS, StripState, UserWords, WordCache
 
 from .model import ModelVersion
 from .state import INITIAL
@@ -64,6 +64,7 @@ class SessionRecord:
     context_tokens: int = 0  # tokens fed since the last reset (the initial <eos> not counted)
     seq: int = 0  # requests answered
     user_words: UserWords = NO_USER_WORDS  # typed words the model cannot name (a new window once any)
+    cache: WordCache = NO_CACHE  # typed words of the vocabulary, while it learns (Strip.learn)
     strip: StripState = field(default_factory=StripState)  # how its strip is filled (Strip in the API)
     epoch: int = 0  # the session store's claim this process holds it under (server/store.py)
     taken: bool = False  # another process claimed it: forgotten here once its stream ends

@@ -64,12 +64,13 @@ log = logging.getLogger("nextword.server")
 
 WRITER_THREAD = "nextword-store"  # the writer thread's name in the OS (top -H)
 WRITTEN, TAKEN, STALE = 1, 0, 2  # what a write did to each record
-_FORMAT = 2  # first byte of an encoded record: what a future layout is told apart by
+_FORMAT = 3  # first byte of an encoded record: what a future layout is told apart by
 # Format 1: format, k, seq, context tokens, then the length of each string: principal, pending,
 # model. Format 2 adds a byte of strip flags after the context tokens, and three more strings: the
-# user's words, the words passed over and the words shown (space-separated). Format 1 is still read.
-_HEADERS = {1: struct.Struct("<BIQQIII"), 2: struct.Struct("<BIQQBIIIIII")}
-_NO_REPEAT, _KEYSTROKES = 1, 2  # strip flags
+# user's words, the words passed over and the words shown (space-separated). Format 3 adds the
+# length of the learning cache's word ids (uint32, little-endian) after them. 1 and 2 are still read.
+_HEADERS = {1: struct.Struct("<BIQQIII"), 2: struct.Struct("<BIQQBIIIIII"), 3: struct.Struct("<BIQQBIIIIIII")}
+_NO_REPEAT, _KEYSTROKES, _LEARN = 1, 2, 4  # strip flags
 _PLAIN = StripState()  # by probability, repeats allowed
 
 
@@ -92,6 +93,7 @@ class Record:
     epoch: int = 0  # the claim this record was written under (see the module docstring)
     user_words: tuple[str, ...] = ()  # nextword.ranking.UserWords, oldest first
     strip: StripState = _PLAIN
+    cache: tuple[int, ...] = ()  # nextword.ranking.WordCache's word ids, oldest first
 
     def with_state(self, state: bytes) -> Record:
         """This record holding ``state`` (dataclasses.replace, at a third of its cost: one per step)."""
@@ -107,6 +109,7 @@ class Record:
             self.epoch,
             self.user_words,
             self.strip,
+            self.cache,
         )
 
     def encode(self) -> bytes:
@@ -115,7 +118,10 @@ class Record:
         strings = [
             s.encode("utf-8") for s in (self.principal, self.pending, self.model, *map(" ".join, words))
         ]
-        flags = _NO_REPEAT * strip.no_repeat | _KEYSTROKES * (strip.policy == KEYSTROKES)
+        strings.append(struct.pack(f"<{len(self.cache)}I", *self.cache))
+        flags = (
+            _NO_REPEAT * strip.no_repeat | _KEYSTROKES * (strip.policy == KEYSTROKES) | _LEARN * strip.learn
+        )
         header = _HEADERS[_FORMAT].pack(
             _FORMAT, self.k, self.seq, self.context_tokens, flags, *map(len, strings)
         )
@@ -128,17 +134,28 @@ class Record:
             raise StoreError(f"session record of unknown format {data[:1].hex() or 'empty'}")
         fmt, k, seq, context_tokens, *rest = layout.unpack_from(data)
         flags, lengths = (rest[0], rest[1:]) if fmt >= 2 else (0, rest)
-        at, strings = layout.size, []
+        at, fields = layout.size, []
         for n in lengths:
-            strings.append(data[at : at + n].decode("utf-8"))
+            fields.append(data[at : at + n])
             at += n
-        principal, pending, model, *lists = strings
+        cache = struct.unpack(f"<{len(fields[6]) // 4}I", fields.pop()) if fmt >= 3 else ()
+        principal, pending, model, *lists = (f.decode("utf-8") for f in fields)
         user_words, passed, shown = (tuple(x.split()) for x in lists) if lists else ((), (), ())
-        strip = StripState(
-            KEYSTROKES if flags & _KEYSTROKES else PROBABILITY, bool(flags & _NO_REPEAT), passed, shown
-        )
+        policy = KEYSTROKES if flags & _KEYSTROKES else PROBABILITY
+        strip = StripState(policy, bool(flags & _NO_REPEAT), bool(flags & _LEARN), passed, shown)
         return cls(
-            session_id, principal, model, k, seq, context_tokens, pending, data[at:], epoch, user_words, strip
+            session_id,
+            principal,
+            model,
+            k,
+            seq,
+            context_tokens,
+            pending,
+            data[at:],
+            epoch,
+            user_words,
+            strip,
+            tuple(cache),
         )
 
 

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.clients.client import NextWordClient
+from nextword.v1 import nextword_pb2 as pb
 from tests.conftest import nextword_process, serve_process
 from tests.services import ensure_installed
 
@@ -120,6 +121,29 @@ async def test_a_websocket_is_one_session_answering_as_a_grpc_session(gateway: s
         assert {k: got[k] for k in ("suggestions", "partial")} == {
             k: want[k] for k in ("suggestions", "partial")
         }
+
+
+async def test_a_websocket_may_ask_for_a_session_that_learns(gateway: str, server: str) -> None:
+    pieces = ["the horse and the dog and the ", "horse ran and the ", "h"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{gateway.replace('http', 'ws')}/v1/session") as ws,
+    ):
+        replies = []
+        for i, piece in enumerate(pieces):
+            await ws.send_json({"text": piece, "k": 3} | ({"learn": True} if i == 0 else {}))
+            replies.append(await ws.receive_json(timeout=10))
+    with NextWordClient(server) as client:
+        with client.session(k=3, strip=pb.Strip(learn=True)) as learning:
+            expected = [learning.send(piece).to_json_dict() for piece in pieces]
+        with client.session(k=3) as plain:
+            unlearned = [plain.send(piece).to_json_dict() for piece in pieces]
+
+    def shown(reply: dict[str, Any]) -> dict[str, Any]:
+        return {k: reply.get(k) or None for k in ("suggestions", "completions", "partial")}
+
+    assert [shown(r) for r in replies] == [shown(e) for e in expected]
+    assert replies[-1]["completions"] != unlearned[-1].get("completions")  # the cache moved them
 
 
 def test_the_demo_page_completes_with_tab_and_takes_a_next_word_with_a_digit(gateway: str) -> None:

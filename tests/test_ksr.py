@@ -14,6 +14,7 @@ import pytest
 from nextword.bundle import build_lexicon, load_bundle, sha256, write_manifest
 from nextword.clients.client import NextWordClient
 from nextword.ksr import keystroke_savings, typed_words
+from nextword.ranking import CACHE_WEIGHT
 from nextword.runtime import OnnxLM
 from nextword.server.config import ServerConfig
 from nextword.tokenizer import split_partial
@@ -171,3 +172,14 @@ def test_the_demo_completes_a_word_it_lacks_once_typed_and_words_of_its_training
             session.send("I saw a zyzzyva in the garden, and then another ")
             assert "zyzzyva" in [s.word for s in session.send("zy").completions]
         assert rare in [s.word for s in client.predict(f"it was {rare[:-1]}", k=10).completions]
+
+
+def test_a_learning_strip_saves_keys_on_a_text_that_repeats_its_words(lm: OnnxLM) -> None:
+    # A user who keeps writing of the same things, where the model expects any of thirty nouns:
+    # the cache raises them (Strip.learn).
+    text = " ".join(["the queen sat on the chair . my queen looked at her chair ."] * 6)
+    plain = keystroke_savings(lm, text)
+    learning = keystroke_savings(lm, text, learn=CACHE_WEIGHT)
+    assert learning["learn"] == CACHE_WEIGHT and plain["learn"] == 0.0
+    assert learning["keys"] < plain["keys"], (learning, plain)
+    assert learning["keys_without_prediction"] == plain["keys_without_prediction"]

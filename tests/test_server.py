@@ -685,6 +685,36 @@ async def test_no_repeat_leaves_out_what_the_user_typed_past(
     await chat.close()
 
 
+async def test_a_learning_session_raises_the_words_its_user_repeats(stub: pb_grpc.NextWordStub) -> None:
+    """Strip.learn mixes a cache of the session's own words into the distribution: a word this
+    text repeats rises, by exactly (1 - λ) p + λ c/N; Predict with the same text answers the same,
+    and the cache outlives a resume on a new stream and a reset."""
+    text = "the table sat on the table . the table . the t"  # completions: the whole distribution
+    learn = pb.Strip(learn=True)
+    plain = await stub.Predict(pb.PredictRequest(text=text, k=10))
+    learned = await stub.Predict(pb.PredictRequest(text=text, k=10, strip=learn))
+    before = {s.word: s.prob for s in plain.prediction.completions}
+    after = {s.word: s.prob for s in learned.prediction.completions}
+    counts = {"the": 4, "table": 3}  # of the N = 9 words typed that the strip could offer
+    for w, c in counts.items():
+        assert after[w] == pytest.approx(0.95 * before[w] + 0.05 * c / 9, rel=1e-4), w
+    others = [w for w in after if w not in counts and w in before]
+    assert others and all(after[w] == pytest.approx(0.95 * before[w], rel=1e-4) for w in others)
+    chat = Chat(stub)
+    for piece in ("the table sat on ", "the table . the table . ", "the t"):
+        reply = await chat.say(piece, k=10, strip=learn)
+    assert_same(reply.prediction, learned.prediction)
+    chat.call.cancel()
+    resumed = Chat(stub)
+    again = await resumed.say("", session_id=chat.session_id, k=10)
+    assert_same(again.prediction, learned.prediction)
+    cleared = await resumed.say("the t", reset=True)  # the context goes, the user's words stay
+    alone = await stub.Predict(pb.PredictRequest(text="the t", k=10, strip=learn))
+    table = {s.word: s.prob for s in cleared.prediction.completions}["table"]
+    assert table > {s.word: s.prob for s in alone.prediction.completions}.get("table", 0.0)
+    await resumed.close()
+
+
 async def test_a_burst_of_new_streams_is_answered_in_full(tiny_bundle: Path) -> None:
     """More streams at once than gRPC core keeps waiting by default (1,000) for the event loop to
     take them up: every one is answered (core used to cancel the rest: INTERNAL at the client)."""

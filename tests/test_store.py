@@ -50,11 +50,24 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SessionSto
         redis.close()
 
 
-STRIP = StripState(KEYSTROKES, no_repeat=True, passed=("true", "truth"), shown=())
+STRIP = StripState(KEYSTROKES, no_repeat=True, learn=True, passed=("true", "truth"), shown=())
 
 
 def _record(seq: int, epoch: int = 0, state: bytes = b"\x01\x02" * 8) -> Record:
-    return Record("s1", "alice", "demo@0123", 3, seq, seq * 2, "tru", state, epoch, ("zyzzyva", "olé"), STRIP)
+    return Record(
+        "s1",
+        "alice",
+        "demo@0123",
+        3,
+        seq,
+        seq * 2,
+        "tru",
+        state,
+        epoch,
+        ("zyzzyva", "olé"),
+        STRIP,
+        (7, 70_000, 7),
+    )
 
 
 def _open_at_once(path: Path, openers: int) -> list[str]:
@@ -93,12 +106,18 @@ def test_a_record_round_trips_through_a_claim(store: SessionStore) -> None:
 
 
 def test_records_of_the_previous_format_are_still_read() -> None:
-    """A rolling upgrade: records a server of format 1 wrote (no user words) resume on this one."""
+    """A rolling upgrade: records servers of formats 1 (no user words) and 2 (no learning cache)
+    wrote resume on this one."""
     old = _record(4)
     strings = [x.encode() for x in (old.principal, old.pending, old.model)]
     header = struct.pack("<BIQQIII", 1, old.k, old.seq, old.context_tokens, *map(len, strings))
     data = b"".join((header, *strings, old.state))
-    assert Record.decode("s1", data, 0) == replace(old, user_words=(), strip=StripState())
+    assert Record.decode("s1", data, 0) == replace(old, user_words=(), strip=StripState(), cache=())
+    # Format 2 (user words and the strip, no learning cache):
+    strings = [x.encode() for x in (old.principal, old.pending, old.model, "zyzzyva olé", "true truth", "")]
+    header = struct.pack("<BIQQBIIIIII", 2, old.k, old.seq, old.context_tokens, 3, *map(len, strings))
+    data = b"".join((header, *strings, old.state))
+    assert Record.decode("s1", data, 0) == replace(old, strip=replace(STRIP, learn=False), cache=())
     assert Record.decode("s1", old.encode(), 0) == old
     with pytest.raises(StoreError, match="unknown format 09"):
         Record.decode("s1", b"\x09" + data[1:], 0)

@@ -2,6 +2,7 @@
 //
 //   import { NextWordSession, predict } from "/nextword.js";
 //   const session = new NextWordSession();            // ws(s)://<this host>/v1/session
+//   (learn: true: the session learns its user, the words typed often rising: Strip.learn)
 //   (a server that wants a bearer token: new NextWordSession({ token }), predict(text, { token }))
 //   const p = await session.send("it is a truth univ"); // {suggestions, completions, partial, ...}
 //   await session.send("ersally ");                     // text is appended to what was sent
@@ -32,9 +33,10 @@ export class NextWordError extends Error {
 }
 
 export class NextWordSession {
-  constructor({ url = defaultUrl(), k = 3, token = null } = {}) {
+  constructor({ url = defaultUrl(), k = 3, token = null, learn = false } = {}) {
     this.url = url;
     this.k = k;
+    this.learn = learn;
     this.token = token; // read by the gateway from a socket's first message, never put in the URL
     this.sessionId = null;
     this._socket = null;
@@ -57,6 +59,7 @@ export class NextWordSession {
     const socket = await this._open();
     if (this.sessionId) request.session_id = this.sessionId; // read only by a new socket's first message
     if (this.token) request.token = this.token;
+    if (this.learn) request.learn = true; // like session_id, read from a socket's first message
     const reply = await new Promise((resolve, reject) => {
       this._waiting.push({ resolve, reject });
       socket.send(JSON.stringify(request));

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextword/v1/nextword.proto\x12\x0bnextword.v1\"\x95\x01\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01k\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12!\n\x05strip\x18\x06 \x01(\x0b\x32\x12.nextword.v1.Strip\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"\x96\x01\n\x05Strip\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.nextword.v1.Strip.Policy\x12\x11\n\tno_repeat\x18\x02 \x01(\x08\"O\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12POLICY_PROBABILITY\x10\x01\x12\x15\n\x11POLICY_KEYSTROKES\x10\x02\"s\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x17.nextword.v1.Prediction\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"r\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05strip\x18\x04 \x01(\x0b\x32\x12.nextword.v1.Strip\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"R\n\x0cPredictReply\x12+\n\nprediction\x18\x01 \x01(\x0b\x32\x17.nextword.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x91\x01\n\nPrediction\x12,\n\x0bsuggestions\x18\x01 \x03(\x0b\x32\x17.nextword.v1.Suggestion\x12,\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x17.nextword.v1.Suggestion\x12\x0f\n\x07partial\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\"(\n\nSuggestion\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\"8\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t2\xdb\x01\n\x08NextWord\x12\x45\n\x07Session\x12\x1b.nextword.v1.SessionRequest\x1a\x19.nextword.v1.SessionReply(\x01\x30\x01\x12\x41\n\x07Predict\x12\x1b.nextword.v1.PredictRequest\x1a\x19.nextword.v1.PredictReply\x12\x45\n\x0cGetModelInfo\x12\x1d.nextword.v1.ModelInfoRequest\x1a\x16.nextword.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1anextword/v1/nextword.proto\x12\x0bnextword.v1\"\x95\x01\n\x0eSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\t\n\x01k\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12!\n\x05strip\x18\x06 \x01(\x0b\x32\x12.nextword.v1.Strip\x12\x15\n\rmodel_version\x18\x07 \x01(\t\"\xa5\x01\n\x05Strip\x12)\n\x06policy\x18\x01 \x01(\x0e\x32\x19.nextword.v1.Strip.Policy\x12\x11\n\tno_repeat\x18\x02 \x01(\x08\x12\r\n\x05learn\x18\x03 \x01(\x08\"O\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12POLICY_PROBABILITY\x10\x01\x12\x15\n\x11POLICY_KEYSTROKES\x10\x02\"s\n\x0cSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\nprediction\x18\x02 \x01(\x0b\x32\x17.nextword.v1.Prediction\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"r\n\x0ePredictRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12!\n\x05strip\x18\x04 \x01(\x0b\x32\x12.nextword.v1.Strip\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"R\n\x0cPredictReply\x12+\n\nprediction\x18\x01 \x01(\x0b\x32\x17.nextword.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x91\x01\n\nPrediction\x12,\n\x0bsuggestions\x18\x01 \x03(\x0b\x32\x17.nextword.v1.Suggestion\x12,\n\x0b\x63ompletions\x18\x02 \x03(\x0b\x32\x17.nextword.v1.Suggestion\x12\x0f\n\x07partial\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_tokens\x18\x04 \x01(\x04\"(\n\nSuggestion\x12\x0c\n\x04word\x18\x01 \x01(\t\x12\x0c\n\x04prob\x18\x02 \x01(\x02\"8\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x9c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\r\n\x05max_k\x18\x06 \x01(\r\x12\x16\n\x0emax_text_chars\x18\x07 \x01(\r\x12\x0f\n\x07version\x18\x08 \x01(\t2\xdb\x01\n\x08NextWord\x12\x45\n\x07Session\x12\x1b.nextword.v1.SessionRequest\x1a\x19.nextword.v1.SessionReply(\x01\x30\x01\x12\x41\n\x07Predict\x12\x1b.nextword.v1.PredictRequest\x1a\x19.nextword.v1.PredictReply\x12\x45\n\x0cGetModelInfo\x12\x1d.nextword.v1.ModelInfoRequest\x1a\x16.nextword.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONREQUEST']._serialized_start=44
   _globals['_SESSIONREQUEST']._serialized_end=193
   _globals['_STRIP']._serialized_start=196
-  _globals['_STRIP']._serialized_end=346
-  _globals['_STRIP_POLICY']._serialized_start=267
-  _globals['_STRIP_POLICY']._serialized_end=346
-  _globals['_SESSIONREPLY']._serialized_start=348
-  _globals['_SESSIONREPLY']._serialized_end=463
-  _globals['_PREDICTREQUEST']._serialized_start=465
-  _globals['_PREDICTREQUEST']._serialized_end=579
-  _globals['_PREDICTREPLY']._serialized_start=581
-  _globals['_PREDICTREPLY']._serialized_end=663
-  _globals['_PREDICTION']._serialized_start=666
-  _globals['_PREDICTION']._serialized_end=811
-  _globals['_SUGGESTION']._serialized_start=813
-  _globals['_SUGGESTION']._serialized_end=853
-  _globals['_MODELINFOREQUEST']._serialized_start=855
-  _globals['_MODELINFOREQUEST']._serialized_end=911
-  _globals['_MODELINFO']._serialized_start=914
-  _globals['_MODELINFO']._serialized_end=1070
-  _globals['_NEXTWORD']._serialized_start=1073
-  _globals['_NEXTWORD']._serialized_end=1292
+  _globals['_STRIP']._serialized_end=361
+  _globals['_STRIP_POLICY']._serialized_start=282
+  _globals['_STRIP_POLICY']._serialized_end=361
+  _globals['_SESSIONREPLY']._serialized_start=363
+  _globals['_SESSIONREPLY']._serialized_end=478
+  _globals['_PREDICTREQUEST']._serialized_start=480
+  _globals['_PREDICTREQUEST']._serialized_end=594
+  _globals['_PREDICTREPLY']._serialized_start=596
+  _globals['_PREDICTREPLY']._serialized_end=678
+  _globals['_PREDICTION']._serialized_start=681
+  _globals['_PREDICTION']._serialized_end=826
+  _globals['_SUGGESTION']._serialized_start=828
+  _globals['_SUGGESTION']._serialized_end=868
+  _globals['_MODELINFOREQUEST']._serialized_start=870
+  _globals['_MODELINFOREQUEST']._serialized_end=926
+  _globals['_MODELINFO']._serialized_start=929
+  _globals['_MODELINFO']._serialized_end=1085
+  _globals['_NEXTWORD']._serialized_start=1088
+  _globals['_NEXTWORD']._serialized_end=1307
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ class SessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., reset: _Optional[bool] = ..., k: _Optional[int] = ..., model: _Optional[str] = ..., strip: _Optional[_Union[Strip, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Strip(_message.Message):
-    __slots__ = ("policy", "no_repeat")
+    __slots__ = ("policy", "no_repeat", "learn")
     class Policy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         POLICY_UNSPECIFIED: _ClassVar[Strip.Policy]
@@ -37,9 +37,11 @@ class Strip(_message.Message):
     POLICY_KEYSTROKES: Strip.Policy
     POLICY_FIELD_NUMBER: _ClassVar[int]
     NO_REPEAT_FIELD_NUMBER: _ClassVar[int]
+    LEARN_FIELD_NUMBER: _ClassVar[int]
     policy: Strip.Policy
     no_repeat: bool
-    def __init__(self, policy: _Optional[_Union[Strip.Policy, str]] = ..., no_repeat: _Optional[bool] = ...) -> None: ...
+    learn: bool
+    def __init__(self, policy: _Optional[_Union[Strip.Policy, str]] = ..., no_repeat: _Optional[bool] = ..., learn: _Optional[bool] = ...) -> None: ...
 
 class SessionReply(_message.Message):
     __slots__ = ("session_id", "prediction", "seq", "model_version")
