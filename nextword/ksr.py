@@ -110,7 +110,7 @@ def keystroke_savings(
     for log_probs, before, word, user_words in progress(starts, desc="simulating typing", unit="word"):
         if learn:  # the words typed so far, as the session's cache has them where this word begins
             cache.add(ranker.cacheable(lm.bundle.vocab.encode(before)))
-        mixed = cache.mix(Scores(None, None, log_probs), learn).log_probs if learn else log_probs
+        mixed = cache.mix(Scores(None, None, log_probs), learn).log_probs  # as is while the cache is empty
         assert mixed is not None
         typed = typed_before_offered(ranker, mixed, word, slots, user_words, policy, no_repeat)
         if typed is None:  # typed in full, then the space

@@ -155,9 +155,6 @@ class WordCache(_Recent[int]):
 
     SIZE = CACHE_WORDS
 
-    def ids(self) -> list[int]:
-        return self.items()
-
     def mix(self, scores: Scores, weight: float = CACHE_WEIGHT) -> Scores:
         """``scores`` (with the whole distribution) mixed with this cache: the graph's own top-k
         no longer holds, so only the mixed distribution is returned."""

@@ -313,27 +313,16 @@ class KServeServicer:
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 0):
             raise Invalid(grpc.StatusCode.INVALID_ARGUMENT, 'parameter "k" must be a whole number, 0 or more')
         key = _sequence_key(request)
+        # The NextWord servicer judges the model: NOT_FOUND for one it does not serve, and a
+        # sequence's session keeps the version it began on (INVALID_ARGUMENT for another).
         name, wanted = request.model_name, request.model_version
-        running = None if key is None or _parameter(request, "sequence_start") else self._sequences.get(key)
-        model = self._nextword.model_of(running) if running else None
-        if model is None:
-            model = self._ready(name, wanted)
-        elif (name and name != model.name) or wanted not in ("", model.version):
-            raise Invalid(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"sequence {key[1] if key else ''} runs on model {model.name!r} version {model.version!r} "
-                "to its end: send that model (any version) or start a new sequence",
-            )
         if key is None:
-            ask = pb.PredictRequest(text=text, k=k or 0, model=model.name, model_version=model.version)
+            ask = pb.PredictRequest(text=text, k=k or 0, model=name, model_version=wanted)
             answer = await self._nextword.Predict(ask, context)
-            return self._answer(request, answer.prediction, model.name, answer.model_version)
-        # A running sequence's session keeps its own version (resumed from the store, maybe).
-        step = pb.SessionRequest(
-            text=text, k=k or 0, model=model.name, model_version="" if running else model.version
-        )
+            return self._answer(request, answer.prediction, answer.model_version)
+        step = pb.SessionRequest(text=text, k=k or 0, model=name, model_version=wanted)
         reply = await self._sequence_step(context, key, step, request, held)
-        return self._answer(request, reply.prediction, model.name, reply.model_version)
+        return self._answer(request, reply.prediction, reply.model_version)
 
     async def _sequence_step(
         self,
@@ -388,7 +377,7 @@ class KServeServicer:
                 grpc.StatusCode.INVALID_ARGUMENT, f"input TEXT is not UTF-8 ({exc.reason})"
             ) from exc
 
-    def _answer(self, request: Any, p: pb.Prediction, name: str, model_version: str) -> Any:
+    def _answer(self, request: Any, p: pb.Prediction, model_version: str) -> Any:
         names = [name for name, _, _ in OUTPUTS]
         wanted = [o.name for o in request.outputs] or names
         unknown = [name for name in wanted if name not in names]
@@ -403,7 +392,8 @@ class KServeServicer:
             "COMPLETION_PROBS": _probs(p.completions),
             "PARTIAL": (1, _bytes_tensor([p.partial.encode()])),
         }
-        response = self._response(model_name=name, model_version=model_version, id=request.id)
+        served = request.model_name or self._models.default_name
+        response = self._response(model_name=served, model_version=model_version, id=request.id)
         datatypes = {name: datatype for name, datatype, _ in OUTPUTS}
         for name in wanted:
             size, raw = contents[name]
@@ -417,14 +407,8 @@ class KServeServicer:
         except ModelNotFound:
             return None
 
-    def _ready(self, name: str, model_version: str) -> ModelVersion:
+    async def _model(self, name: str, model_version: str, context: grpc.aio.ServicerContext) -> ModelVersion:
         try:
             return self._models.pick(name, model_version)
         except ModelNotFound as exc:
-            raise Invalid(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
-
-    async def _model(self, name: str, model_version: str, context: grpc.aio.ServicerContext) -> ModelVersion:
-        try:
-            return self._ready(name, model_version)
-        except Invalid as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))

@@ -79,10 +79,6 @@ def warm_up(lm: OnnxLM, max_batch: int) -> None:
         lm.head_ranked(state, whole_distribution=True)
 
 
-def _version_number(version: str) -> int:
-    return int(version)
-
-
 def signature(folder: Path) -> Signature:
     """What a version folder holds now; a failed version is tried again once this changes."""
     try:
@@ -116,12 +112,12 @@ class Repository:
 
     # ---- what requests see -------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted({v.name for v in self.versions.values() if not v.retired})
+        return sorted({v.name for v in self._serving()})
 
     def ready(self, name: str) -> list[ModelVersion]:
         """The versions of ``name`` that take new sessions, newest first."""
-        found = [v for v in self.versions.values() if v.name == name and not v.retired]
-        return sorted(found, key=lambda v: _version_number(v.version), reverse=True)
+        found = [v for v in self._serving() if v.name == name]
+        return sorted(found, key=lambda v: int(v.version), reverse=True)
 
     @property
     def default_name(self) -> str:
@@ -183,7 +179,7 @@ class Repository:
         """Load what there is to serve; StartupError-worthy problems raise ModelLoadError."""
         if self.root is None:
             bundle_dir = Path(self.config.model)
-            model = await self._load(None, SINGLE_VERSION, bundle_dir)
+            model = await self._load(None, SINGLE_VERSION, bundle_dir, signature(bundle_dir))
             self._add(model)
             return
         if not self.root.is_dir():
@@ -222,13 +218,10 @@ class Repository:
 
     async def _scan_name(self, name: str, on_disk: dict[str, Path]) -> None:
         keep = self.config.model_versions
-        wanted = sorted(on_disk, key=_version_number, reverse=True)
+        wanted = sorted(on_disk, key=int, reverse=True)
         loaded_any = False
         for version in wanted:
-            if (
-                len([v for v in self.ready(name) if _version_number(v.version) >= _version_number(version)])
-                >= keep
-            ):
+            if len([v for v in self.ready(name) if int(v.version) >= int(version)]) >= keep:
                 break  # enough newer versions serve already
             current = self.versions.get((name, version))
             if current is not None and not current.retired:
@@ -239,7 +232,7 @@ class Repository:
             if refused is not None and refused.signature == sig:
                 continue  # the same files that failed before
             try:
-                model = await self._load(name, version, folder)
+                model = await self._load(name, version, folder, sig)
             except ModelLoadError as exc:
                 # The index shows callers the reason without this machine's paths (the log keeps them).
                 self.refused[(name, version)] = _Refused(
@@ -266,11 +259,14 @@ class Repository:
                 "model %s now serves version(s) %s", name, ", ".join(v.version for v in self.ready(name))
             )
 
-    async def _load(self, name: str | None, version: str, folder: Path) -> ModelVersion:
+    async def _load(self, name: str | None, version: str, folder: Path, sig: Signature) -> ModelVersion:
+        """The bundle in ``folder`` loaded (checksums verified), warmed and ready to start; ``sig``
+        is what the folder held when it was looked at."""
         config = self.config
 
         def load() -> tuple[Bundle, OnnxLM]:
             bundle = load_bundle(folder)
+            # --device cuda where CUDA does not load raises RuntimeError (OnnxLM checks the provider)
             lm = OnnxLM(
                 bundle,
                 device=config.device,
@@ -278,21 +274,14 @@ class Repository:
                 spin=config.onnx_spin,
                 spin_between_calls=False,
             )
-            if config.device == "cuda" and lm.provider != "CUDAExecutionProvider":
-                # onnxruntime falls back to CPU silently when CUDA's libraries fail to load.
-                raise ModelLoadError(
-                    f"--device cuda: onnxruntime could not start CUDA and fell back to {lm.provider} "
-                    "(its log above says why); use --device auto or cpu to serve on the CPU"
-                )
             warm_up(lm, config.max_batch)
             return bundle, lm
 
-        sig = signature(folder)
         try:
             bundle, lm = await asyncio.get_running_loop().run_in_executor(None, load)
         except BundleError as exc:
             raise ModelLoadError(str(exc)) from exc
-        except RuntimeError as exc:  # onnxruntime could not build a session (e.g. --device cuda without CUDA)
+        except RuntimeError as exc:  # onnxruntime could not build a session, or start CUDA
             raise ModelLoadError(f"{folder}: {exc}") from exc
         name = name or bundle.manifest.name
         pool = StatePool(bundle.manifest.state, lm.start_state())
@@ -382,7 +371,7 @@ class Repository:
                 if model.retired
                 else ("READY", "")
             )
-        return [(n, v, *rows[(n, v)]) for n, v in sorted(rows, key=lambda k: (k[0], _version_number(k[1])))]
+        return [(n, v, *rows[(n, v)]) for n, v in sorted(rows, key=lambda k: (k[0], int(k[1])))]
 
     async def watch(self) -> None:
         """Rescan every ``--repository-poll`` seconds (``--model-control poll``)."""

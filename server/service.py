@@ -190,11 +190,6 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """Whether this process keeps the session ``session_id`` now."""
         return self._sessions.find(session_id) is not None
 
-    def model_of(self, session_id: str) -> ModelVersion | None:
-        """The model version the session ``session_id`` runs on, if this process keeps it."""
-        session = self._sessions.find(session_id)
-        return None if session is None else session.model
-
     def forget(self, session_id: str) -> None:
         """Drop a session nobody will resume (a KServe sequence that ended)."""
         if (session := self._sessions.find(session_id)) is not None and session.stream is None:
@@ -606,7 +601,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             session.epoch,
             tuple(user_words.words()),
             strip,
-            tuple(cache.ids()),
+            tuple(cache.items()),
         )
 
     async def _cost(self, caller: _Caller, pending: str, text: str) -> tuple[list[str], str, Ticket]:
