@@ -8,6 +8,9 @@ Every ratio compares numbers measured in this run, on this machine:
 * S1  one stream, one worker, no store: p50 per word against the floor, a raw
       onnxruntime step (batch 1, in a process of its own) plus the bare grpc.aio
       echo server's round trip;
+* S1b for information, what that floor leaves out: the same raw step made an echo
+      round trip apart (the server's steps are never back to back), and the
+      server's own mean onnxruntime call during S1's run (from its /metrics);
 * S2  ``--workers N``: 256 closed-loop streams' words/s against the combined
       floor (echo messages/s and raw onnxruntime words/s at the batch the server
       formed, as the serving benchmark's P2), three times, each beside its own
@@ -61,6 +64,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.probe import metric_samples
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.goals import INFORMATION, Row, _ge, _le, raw_call_s
@@ -163,10 +167,16 @@ class Scaling:
     def nextword(self, *extra: str) -> Child:
         return nextword_server(self.args.bundle, 1, list(extra))
 
-    def one_stream(self, server: Child, label: str) -> Run:
-        return self.bench.load(
+    def one_stream(self, server: Child, label: str) -> tuple[Run, float]:
+        """One stream's run, and the server's mean onnxruntime call during it (ms, from /metrics)."""
+        port = int(server.match.group(2))
+        calls = ("nextword_onnx_compute_seconds_sum", "nextword_onnx_compute_seconds_count")
+        before = metric_samples(port, *calls)
+        run = self.bench.load(
             "nextword", server.address, label, streams=1, context=5, duration=self.plan.long_s
         )
+        after = metric_samples(port, *calls)
+        return run, _ratio(after[0] - before[0], after[1] - before[1]) * 1e3
 
     def loaded(
         self, target: str, server: Child, label: str, streams: int, pids: list[int], rate: float | None = None
@@ -194,9 +204,9 @@ class Scaling:
         """Event-loop CPU seconds per reply of the run ``label``."""
         return self.by_thread[label].get("event loop", math.nan)
 
-    def raw(self, seconds: float) -> dict[str, Any]:
+    def raw(self, seconds: float, gap_ms: float = 0.0) -> dict[str, Any]:
         timing = ("--seconds", str(seconds), "--calls", str(self.plan.raw_latency_calls))
-        return run_worker("raw", self.args.bundle, 1, *timing)
+        return run_worker("raw", self.args.bundle, 1, *timing, "--gap-us", str(gap_ms * 1e3))
 
     def run(self) -> tuple[list[Row], dict[str, float]]:
         """Latency first, each repeat in turn: raw step, echo, nextword without and with each store
@@ -211,8 +221,7 @@ class Scaling:
         ):
             specs = {"none": "none", "redis": url, "embedded": f"sqlite://{folder}/sessions.db"}
             for rep in range(REPEATS):
-                bench.log(f"repeat {rep + 1}: raw onnxruntime step, echo, nextword with each store")
-                got = {"step": self.raw(self.plan.raw_s / 5)["step_b1"]["p50_ms"]}
+                bench.log(f"repeat {rep + 1}: echo, raw onnxruntime step, nextword with each store")
                 run = bench.load(
                     "echo",
                     echo.address,
@@ -221,12 +230,17 @@ class Scaling:
                     context=5,
                     duration=self.plan.long_s,
                 )
-                got["echo"] = run.get("p50_ms")
+                got = {"echo": run.get("p50_ms")}
+                # The raw step back to back (the floor), and the server's call as far apart as
+                # an echo round trip (S1b, for information).
+                raw = self.raw(self.plan.raw_s / 5, gap_ms=got["echo"])
+                got["step"] = raw["step_b1"]["p50_ms"]
+                got["step_apart"] = raw.get("step_ranked_gap_b1", {}).get("p50_ms", math.nan)
                 for kind, spec in specs.items():
                     with running(self.nextword("--session-store", spec)) as server:
-                        got[kind] = self.one_stream(server, f"1 worker, {kind} store #{rep + 1}").get(
-                            "p50_ms"
-                        )
+                        label = f"1 worker, {kind} store #{rep + 1}"
+                        run, got[f"{kind}_call"] = self.one_stream(server, label)
+                        got[kind] = run.get("p50_ms")
                 latency.append(got)
             raw = self.raw(self.plan.raw_s)
             n = args.workers
@@ -290,6 +304,16 @@ class Scaling:
                 + ")",
                 "≤ 1.5× floor",
                 _le(d["s1_ratio"], 1.5),
+            ),
+            Row(
+                "S1b",
+                "what S1's floor leaves out: the step as a server makes it",
+                f"raw step {mid['step_apart']:.3f} ms made {mid['echo']:.3f} ms apart (one echo round "
+                f"trip) against {mid['step']:.3f} back to back; the server's mean onnxruntime call "
+                f"in S1's run {mid['none_call']:.3f} ms; S1's p50 against the step made apart + echo "
+                f"RTT: **{_ratio(mid['none'], mid['step_apart'] + mid['echo']):.2f}×**",
+                INFORMATION,
+                None,
             ),
             Row(
                 "S2",

@@ -16,6 +16,7 @@ import pytest_asyncio
 
 from benchmarks import floors
 from benchmarks.serving.goals import raw_call_s
+from benchmarks.serving.ort import worker_raw
 from benchmarks.serving.report import write_section
 from nextword.server.app import start_server
 from nextword.server.config import ServerConfig
@@ -157,6 +158,14 @@ def test_raw_throughput_is_interpolated_per_call() -> None:
     assert raw_call_s(measured, 64) == pytest.approx(8e-3)
     assert raw_call_s(measured, 160) == pytest.approx(20e-3)
     assert raw_call_s(measured, 1000) == pytest.approx(32e-3)  # clamped to the largest size
+
+
+def test_raw_worker_times_the_servers_call_made_apart_only_when_asked(tiny_bundle: Path) -> None:
+    back_to_back = worker_raw(tiny_bundle, 1, 0.01, 20)
+    assert "step_ranked_gap_b1" not in back_to_back
+    apart = worker_raw(tiny_bundle, 1, 0.01, 20, gap_s=2e-3)["step_ranked_gap_b1"]
+    assert apart["calls"] == 20 and apart["gap_ms"] == pytest.approx(2.0)
+    assert 0 < apart["p50_ms"] < 2.0  # the call alone is timed, not the gap before it
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--calls", type=int, default=1000, help=argparse.SUPPRESS)
+    p.add_argument("--gap-us", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--sessions", type=int, default=1000, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.int8_bundle is None and not args.worker:

@@ -46,11 +46,18 @@ def _step_latency(lm: OnnxLM, tokens: Tokens, state: State, calls: int) -> tuple
     return times, state
 
 
-def _ranked_latency(lm: OnnxLM, tokens: Tokens, state: State, calls: int) -> tuple[list[float], State]:
-    """What the server calls: in-graph top-k, no full log-probs."""
+def _ranked_latency(
+    lm: OnnxLM, tokens: Tokens, state: State, calls: int, gap_s: float = 0.0
+) -> tuple[list[float], State]:
+    """What the server calls: in-graph top-k, no full log-probs. ``gap_s``: spin that long before
+    each call, as a server's calls are apart (a reply out, the next request in): the step then
+    no longer finds what the one before left in the caches, as it does back to back."""
     times = []
     for _ in range(calls):
         t = tokens(1)
+        until = time.perf_counter() + gap_s
+        while time.perf_counter() < until:
+            pass
         start = time.perf_counter()
         state = lm.step_ranked(t, state, whole_distribution=False).state
         times.append(time.perf_counter() - start)
@@ -86,8 +93,11 @@ def _throughput(lm: OnnxLM, tokens: Tokens, seconds: float) -> dict[str, dict[st
     return throughput
 
 
-def worker_raw(bundle_dir: Path, threads: int, seconds: float, latency_calls: int) -> dict[str, Any]:
-    """onnxruntime alone: latency at batch 1 and words/s at each batch size, state fed back."""
+def worker_raw(
+    bundle_dir: Path, threads: int, seconds: float, latency_calls: int, gap_s: float = 0.0
+) -> dict[str, Any]:
+    """onnxruntime alone: latency at batch 1 and words/s at each batch size, state fed back
+    (with ``gap_s``, also the server's call at batch 1 made ``gap_s`` apart)."""
     lm = OnnxLM(load_bundle(bundle_dir), device="cpu", threads=threads)
     rng = np.random.default_rng(0)
     vocab = lm.vocab_size
@@ -103,6 +113,9 @@ def worker_raw(bundle_dir: Path, threads: int, seconds: float, latency_calls: in
     if getattr(lm, "step_ranked", None) is not None:  # informational: the server's call
         times, state = _ranked_latency(lm, tokens, state, latency_calls)
         out["step_ranked_b1"] = percentiles_ms(times)
+        if gap_s > 0:
+            times, state = _ranked_latency(lm, tokens, state, latency_calls, gap_s)
+            out["step_ranked_gap_b1"] = {**percentiles_ms(times), "gap_ms": gap_s * 1e3}
     out["head_b1"] = percentiles_ms(_head_latency(lm, state, latency_calls))
     out["throughput"] = _throughput(lm, tokens, seconds)
     return out

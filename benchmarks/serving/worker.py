@@ -36,7 +36,7 @@ def worker_main(args: argparse.Namespace) -> int:
     if args.worker == "raw":
         from benchmarks.serving.ort import worker_raw
 
-        result = worker_raw(args.bundle, args.threads, args.seconds, args.calls)
+        result = worker_raw(args.bundle, args.threads, args.seconds, args.calls, args.gap_us / 1e6)
     elif args.worker == "cold":
         from benchmarks.serving.ort import worker_cold
 
