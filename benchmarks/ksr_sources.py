@@ -13,22 +13,31 @@ does. The table goes under ``## Keystroke savings by source`` in ``benchmarks/RE
 on (``--presage-corpus``, default gutenberg: the demo's), typing the same characters with its
 ``REPEAT_SUGGESTIONS`` no and yes, and learning as it types (``benchmarks/presage_ksr.py``;
 installs Debian's presage if missing). Simulations run two at a time, one process each; the
-figures are deterministic.
+figures are deterministic. Below that table, each text's perplexity under the bundle (as
+``nextword eval`` scores it) and under a Kneser-Ney 5-gram trained on the same training text
+with the bundle's vocabulary, on the same tokens and positions (``benchmarks/kn5.py``; KenLM
+is built once by ``benchmarks/kenlm/build.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+from benchmarks import kn5
 from benchmarks.presage_ksr import CORPORA, TRAIN_FILE, ensure_presage, run_corpus
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
 from nextword.bundle import load_bundle
+from nextword.evaluate import evaluate
+from nextword.export.data import read_tokens
 from nextword.ksr import keystroke_savings
 from nextword.ranking import CACHE_WEIGHT, KEYSTROKES, PROBABILITY
 from nextword.runtime import OnnxLM
@@ -44,6 +53,7 @@ STRIPS = (
     (KEYSTROKES, True, True),
 )
 SLOTS = 3
+KN_ORDER = 5
 
 
 def texts(data: Path) -> dict[str, Path]:
@@ -74,6 +84,7 @@ def render(
     names: list[str],
     ksr: dict[tuple[str, str, bool, bool], float],
     presage: dict[tuple[str, str], float],
+    perplexity: dict[str, tuple[dict[str, Any], dict[str, Any]]],
 ) -> str:
     mach = machine()
     head = " | ".join(
@@ -109,6 +120,21 @@ def render(
             + f" | {theirs:.2%} | {presage[(name, 'yes')]:.2%} | {learning:.2%} | "
             + f"**{ours / theirs:.2f}×** | **{learned / theirs:.2f}×** | {learned / learning:.2f}× |"
         )
+    lines += [
+        "",
+        f"Perplexity of each whole text (not only its first {args.chars:,} characters), the bundle's "
+        f"as `nextword eval` scores it and a Kneser-Ney {KN_ORDER}-gram's (KenLM, trained on the same "
+        f"{args.presage_corpus}/{train} with the bundle's vocabulary), same tokens, same positions:",
+        "",
+        "| text | tokens scored | nextword | KN-5 | nextword / KN-5 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        ours_ppl, kn = perplexity[name]
+        lines.append(
+            f"| {name} | {ours_ppl['tokens']:,} | {ours_ppl['perplexity']:.2f} | {kn['perplexity']:.2f} | "
+            f"**{ours_ppl['perplexity'] / kn['perplexity']:.2f}×** |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +158,23 @@ def presage_ksr(args: argparse.Namespace, found: dict[str, Path]) -> dict[tuple[
             for how in PRESAGE
         }
         return {key: run.result() for key, run in runs.items()}
+
+
+def perplexities(
+    args: argparse.Namespace, found: dict[str, Path]
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Each text's perplexity under the bundle and under KN-5 on the bundle's training text and
+    vocabulary (the training text read as the bundle's training read it)."""
+    bundle = load_bundle(args.bundle)
+    lm = OnnxLM(bundle, device="cpu")
+    ours = {name: evaluate(args.bundle, path, lm=lm) for name, path in found.items()}
+    train_file = args.data_root / args.presage_corpus / TRAIN_FILE.get(args.presage_corpus, "train.txt")
+    train = read_tokens(train_file, bundle.manifest.training.get("format", "auto"))
+    with tempfile.TemporaryDirectory(prefix="kn5-") as tmp:
+        arpa, _ = kn5.build_arpa(train, bundle.vocab, Path(tmp), order=KN_ORDER)
+        texts = {name: bundle.vocab.encode(read_tokens(path)) for name, path in found.items()}
+        theirs = kn5.score(arpa, bundle.vocab, texts, order=KN_ORDER)
+    return {name: (ours[name], theirs[name]) for name in found}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     presage = presage_ksr(args, found)
     for (name, how), value in presage.items():
         print(f"{name:22s} presage      {how:5s}    {value:.2%}", flush=True)
-    write_section(args.results, SECTION, render(args, list(found), ksr, presage))
+    perplexity = perplexities(args, found)
+    for name, (ours, theirs) in perplexity.items():
+        print(f"{name:22s} perplexity   {json.dumps([ours['perplexity'], theirs['perplexity']])}", flush=True)
+    write_section(args.results, SECTION, render(args, list(found), ksr, presage, perplexity))
     return 0
 
 
