@@ -109,6 +109,12 @@ class TrainConfig:
     bptt: int = option(35, "truncated backpropagation through time: tokens per window")
     lr: float = option(2e-3, "Adam learning rate (halved whenever validation stops improving)")
     clip: float = option(1.0, "gradient-norm clipping threshold; 0 disables")
+    restart_prob: float = option(
+        0.0,
+        "chance that a stream's state starts again from zero at a window, so the model also learns "
+        "to start from nothing, as every served session and every scored column does (0: only at "
+        "each epoch's start)",
+    )
     seed: int = option(1234, "random seed (weights, dropout, order)")
     device: str = option("auto", "auto (cuda if available), cpu or cuda", choices=("auto", "cpu", "cuda"))
     max_minutes: float = option(0.0, "stop training after this many minutes (0: no limit); best kept")

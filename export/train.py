@@ -135,6 +135,8 @@ def check_inputs(cfg: TrainConfig, mcfg: ModelConfig | None, out: Path, *, resum
         raise InputError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu or auto")
     if cfg.batch_size % world_size():
         raise InputError(f"--batch-size {cfg.batch_size} must divide evenly over {world_size()} processes")
+    if not 0 <= cfg.restart_prob < 1:
+        raise InputError(f"--restart-prob must be at least 0 and below 1 (got {cfg.restart_prob:g})")
 
 
 def check_data(data: Path | None, *, resumed_from: Path | None = None) -> None:
@@ -273,6 +275,19 @@ def load_checkpoint(out: Path, core: nn.Module, opt: torch.optim.Optimizer, devi
 
 
 # ---- training --------------------------------------------------------------------------
+def restart(state: tuple[Tensor, ...], axis: int, prob: float) -> tuple[Tensor, ...]:
+    """``state`` with each stream (index on ``axis``) set back to zero with probability ``prob``.
+
+    Carried through a whole epoch, a stream starts from zero only once, so a model may never
+    learn to start: a delay cell trained so read "the" from the zero state, fell into a regime
+    it never left, and scored whole columns at perplexity 10^5 (benchmarks/RESULTS.md)."""
+    n = state[0].size(axis)
+    keep = (torch.rand(n, device=state[0].device) >= prob).to(state[0].dtype)
+    shape = [1] * state[0].dim()
+    shape[axis] = n
+    return tuple(s * keep.view(shape) for s in state)
+
+
 def train_epoch(
     model: nn.Module,
     data: Tensor,
@@ -295,9 +310,12 @@ def train_epoch(
         leave=False,
         disable=not sys.stderr.isatty(),
     )
+    axis = core.state_batch_axis()
     for x, y in bar:
         # Truncated BPTT: keep the state's values, cut its gradient history.
         state = tuple(s.detach() for s in state)
+        if cfg.restart_prob:
+            state = restart(state, axis, cfg.restart_prob)
         logits, state = model(x, state)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)

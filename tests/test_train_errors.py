@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from nextword.cli import main as nextword
+from nextword.export.train import restart
 from tests.conftest import write_corpus
 
 SMALL = ["--embedding-dim", "8", "--hidden-size", "8", "--layers", "1", "--batch-size", "4", "--bptt", "10"]
@@ -76,7 +78,27 @@ def test_train_refuses_before_writing(
     # A corpus too small for the batch.
     line = _refused([*base, *SMALL, "--batch-size", "100000"], capsys, prog="train")
     assert "train.txt" in line and "--batch-size" in line
+    # Every stream restarting at every window: no state would ever be carried.
+    line = _refused([*base, *SMALL, "--restart-prob", "1"], capsys, prog="train")
+    assert "--restart-prob must be at least 0 and below 1" in line
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3), (2, 6, 4, 3)])  # lstm's h or c; the delay cell's window
+def test_restart_zeroes_whole_streams_and_keeps_the_rest(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    state = (torch.rand(shape) + 1, torch.rand(shape) + 1)
+    assert all(torch.equal(a, b) for a, b in zip(restart(state, 1, 0.0), state, strict=True))
+    out = restart(state, 1, 0.5)
+    for s, o in zip(state, out, strict=True):
+        zeroed = [b for b in range(shape[1]) if not o[:, b].any()]
+        kept = [b for b in range(shape[1]) if torch.equal(o[:, b], s[:, b])]
+        assert sorted(zeroed + kept) == list(range(shape[1])), "a stream is either kept whole or zeroed"
+    assert [b for b in range(shape[1]) if not out[0][:, b].any()] == [
+        b for b in range(shape[1]) if not out[1][:, b].any()
+    ], "h and c of a stream restart together"
+    restarted = sum(not restart(state, 1, 0.5)[0][:, b].any() for _ in range(200) for b in range(shape[1]))
+    assert 0.4 < restarted / (200 * shape[1]) < 0.6
 
 
 def test_train_will_not_write_over_a_run(
