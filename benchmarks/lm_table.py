@@ -31,7 +31,9 @@ MATCHED = {"rnn": 320, "irnn": 320, "delay": 304, "lstm": 256, "gru": 272, "cifg
 LR = {"rnn": 1e-3, "irnn": 3e-4, "delay": 1e-3, "lstm": 2e-3, "gru": 2e-3, "cifg": 2e-3}
 # The IRNN's recurrent matrix starts at 0.5 × I, not I: with the state carried through the whole
 # text, the identity start diverged (NaN in the first epoch on both corpora; see RESULTS.md).
-EXTRA = {"irnn": ["--irnn-scale", "0.5"]}
+# The delay cell restarts streams now and then: trained without, it learns a regime that some
+# fresh starts fall into and never leave (RESULTS.md, "The delay cell's gap").
+EXTRA = {"irnn": ["--irnn-scale", "0.5"], "delay": ["--restart-prob", "0.02"]}
 
 
 @dataclass
