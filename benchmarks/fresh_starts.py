@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nextword.export.config import ModelConfig
-from nextword.export.data import read_tokens
+from nextword.export.data import batchify, read_tokens, windows
 from nextword.export.model import RNNLanguageModel
+from nextword.export.onnx_export import load_run
 from nextword.tokenizer import Vocab, is_word
 
 COLUMNS, BPTT = 16, 35  # as nextword train scores a split (TrainConfig.eval_batch_size, --bptt)
@@ -39,20 +39,18 @@ PROBE_TOKENS = 800  # the ordinary text read after each first word
 
 
 def load(run: Path, weights: Path | None) -> tuple[RNNLanguageModel, Vocab]:
-    config = json.loads((run / "config.json").read_text())
-    model = RNNLanguageModel(ModelConfig.from_dict(config["model"]))
-    saved = torch.load(weights or run / "best.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(saved.get("model", saved))  # a checkpoint.pt keeps the weights under "model"
-    return model.eval(), Vocab.load(run / "vocab.txt")
+    model, _ = load_run(run)  # best.pt
+    if weights is not None:
+        saved = torch.load(weights, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved.get("model", saved))  # a checkpoint.pt keeps them under "model"
+    return model, Vocab.load(run / "vocab.txt")
 
 
 def column_nll(model: RNNLanguageModel, cols: Tensor, state: tuple[Tensor, ...]) -> Tensor:
     """Mean negative log-likelihood of each column, the state carried along it from ``state``."""
     total, n = torch.zeros(cols.size(0)), 0
     with torch.no_grad():
-        for s in range(0, cols.size(1) - 1, BPTT):
-            x = cols[:, s : min(s + BPTT, cols.size(1) - 1)]
-            y = cols[:, s + 1 : s + 1 + x.size(1)]
+        for x, y in windows(cols, BPTT):
             logits, state = model(x, state)
             total += nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(1)
             n += x.size(1)
@@ -66,10 +64,8 @@ def after_eos(model: RNNLanguageModel, vocab: Vocab, batch: int) -> tuple[Tensor
 
 
 def score_file(model: RNNLanguageModel, vocab: Vocab, path: Path, bad: float) -> dict[str, Any]:
-    ids = torch.tensor(vocab.encode(read_tokens(path, "auto")))
-    steps = ids.numel() // COLUMNS
-    cols = ids[: steps * COLUMNS].view(COLUMNS, steps)
-    out: dict[str, Any] = {"file": str(path), "tokens_per_column": steps}
+    cols = batchify(torch.tensor(vocab.encode(read_tokens(path, "auto"))), COLUMNS)
+    out: dict[str, Any] = {"file": str(path), "tokens_per_column": cols.size(1)}
     for start, state in (("zero", model.init_state(COLUMNS)), ("eos", after_eos(model, vocab, COLUMNS))):
         nll = column_nll(model, cols, state)
         per_column = nll.exp()

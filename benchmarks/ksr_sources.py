@@ -22,7 +22,6 @@ is built once by ``benchmarks/kenlm/build.sh``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import kn5
-from benchmarks.presage_ksr import CORPORA, TRAIN_FILE, ensure_presage, run_corpus
+from benchmarks.presage_ksr import CORPORA, ensure_presage, run_corpus, train_name
 from benchmarks.results import write_section
 from benchmarks.serving import ROOT
 from benchmarks.serving.report import machine
@@ -90,7 +89,7 @@ def render(
     head = " | ".join(
         f"nextword {p}{' + no repeat' if r else ''}{' + learn' if n else ''}" for p, r, n in STRIPS
     )
-    train = TRAIN_FILE.get(args.presage_corpus, "train.txt")
+    train = train_name(args.presage_corpus)
     lines = [
         f"`python -m benchmarks.ksr_sources --bundle {args.bundle} --presage-corpus {args.presage_corpus}` "
         f"at {mach['revision']}, "
@@ -168,7 +167,7 @@ def perplexities(
     bundle = load_bundle(args.bundle)
     lm = OnnxLM(bundle, device="cpu")
     ours = {name: evaluate(args.bundle, path, lm=lm) for name, path in found.items()}
-    train_file = args.data_root / args.presage_corpus / TRAIN_FILE.get(args.presage_corpus, "train.txt")
+    train_file = args.data_root / args.presage_corpus / train_name(args.presage_corpus)
     train = read_tokens(train_file, bundle.manifest.training.get("format", "auto"))
     with tempfile.TemporaryDirectory(prefix="kn5-") as tmp:
         arpa, _ = kn5.build_arpa(train, bundle.vocab, Path(tmp), order=KN_ORDER)
@@ -210,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:22s} presage      {how:5s}    {value:.2%}", flush=True)
     perplexity = perplexities(args, found)
     for name, (ours, theirs) in perplexity.items():
-        print(f"{name:22s} perplexity   {json.dumps([ours['perplexity'], theirs['perplexity']])}", flush=True)
+        print(f"{name:22s} perplexity {ours['perplexity']:.2f} KN-5 {theirs['perplexity']:.2f}", flush=True)
     write_section(args.results, SECTION, render(args, list(found), ksr, presage, perplexity))
     return 0
 

@@ -51,6 +51,13 @@ CORPORA = ("gutenberg", "brown", "mixed")
 # The split a corpus's Presage is built from: mixed's train-open.txt is the text a shipped model
 # may train on (../shared/data/mixed/README), so a Presage beside such a model reads the same.
 TRAIN_FILE = {"mixed": "train-open.txt"}
+
+
+def train_name(corpus: str) -> str:
+    """The file of ``corpus`` a model (and Presage) may train on."""
+    return TRAIN_FILE.get(corpus, "train.txt")
+
+
 SYSTEM_CONFIG = Path("/etc/presage.xml")
 NGRAM_ORDER = 3  # the default profile's DELTAS (0.01 0.1 0.89) make a 3-gram
 PREDICTOR = "DefaultSmoothedNgramPredictor"
@@ -140,7 +147,7 @@ def run_corpus(
     learning as it types, from nothing (a new user database each run)."""
     out_dir = CACHE / corpus
     out_dir.mkdir(parents=True, exist_ok=True)
-    db = build_database(data_root / corpus / TRAIN_FILE.get(corpus, "train.txt"), out_dir)
+    db = build_database(data_root / corpus / train_name(corpus), out_dir)
     test = test or data_root / corpus / "test.txt"
     # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
     text = test.read_text(encoding="utf-8")[:chars]

@@ -279,8 +279,8 @@ def restart(state: tuple[Tensor, ...], axis: int, prob: float) -> tuple[Tensor, 
     """``state`` with each stream (index on ``axis``) set back to zero with probability ``prob``.
 
     Carried through a whole epoch, a stream starts from zero only once, so a model may never
-    learn to start: a delay cell trained so read "the" from the zero state, fell into a regime
-    it never left, and scored whole columns at perplexity 10^5 (benchmarks/RESULTS.md)."""
+    learn to start: a delay cell trained that way, reading "the" from the zero state, fell into
+    a regime it never left and scored whole columns at perplexity 10^5 (benchmarks/RESULTS.md)."""
     n = state[0].size(axis)
     keep = (torch.rand(n, device=state[0].device) >= prob).to(state[0].dtype)
     shape = [1] * state[0].dim()
