@@ -374,8 +374,7 @@ class Batcher:
 
     async def _compute(self, key: int, group: list[_Request], inline: bool) -> list[Scores]:
         """One graph call for the group: gather its states, run, store records, scatter the new states."""
-        n = len(group)
-        state = self._pool.gather(np.fromiter((r.src for r in group), dtype=np.intp, count=n))
+        state = self._pool.gather([r.src for r in group])
         whole = any(r.whole_distribution for r in group)
         if key == HEAD:
             ranked = await self._call(
@@ -388,10 +387,8 @@ class Batcher:
             )
             # A caller cancelled while the graph ran has freed its slot (maybe already handed to
             # another session): its new state must not land there.
-            dst = np.fromiter((DISCARD if r.future.done() else r.dst for r in group), dtype=np.intp, count=n)
-            keep = dst != DISCARD
-            self._pool.scatter(dst[keep], np.flatnonzero(keep), ranked.state)
-            self._words(n * key)
+            self._pool.scatter([DISCARD if r.future.done() else r.dst for r in group], ranked.state)
+            self._words(len(group) * key)
         return [self._scores(ranked, b, r.whole_distribution) for b, r in enumerate(group)]
 
     @staticmethod

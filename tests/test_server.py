@@ -430,12 +430,12 @@ async def test_state_pool_grows_and_reuses_slots(tiny_bundle: Path) -> None:
     slots = [pool.alloc() for _ in range(5)]
     assert len(set(slots)) == 5 and INITIAL not in slots and pool.capacity >= 6
     batch = [np.arange(np.prod(s.shape), dtype=np.float32).reshape(s.shape) for s in lm.zero_state(5)]
-    pool.scatter(np.array(slots), np.arange(5), batch)
+    pool.scatter(slots, batch)
     pool.alloc()  # another growth must keep what was written
     for i, slot in enumerate(slots):
         for got, full in zip(pool.read(slot), batch, strict=True):
             np.testing.assert_array_equal(got, np.take(full, [i], axis=1))
-    for got, want in zip(pool.gather(np.array([INITIAL, slots[2]])), initial, strict=True):
+    for got, want in zip(pool.gather([INITIAL, slots[2]]), initial, strict=True):
         np.testing.assert_array_equal(np.take(got, [0], axis=1), want)
     pool.free(slots[0])
     assert pool.alloc() == slots[0]
@@ -464,6 +464,34 @@ async def test_rows_of_a_batch_as_bytes_equal_each_row_on_its_own_whatever_the_b
     pool.load(slot, got[0])  # what the store keeps loads back into the row it came from
     for value, want, tensor in zip(pool.read(slot), batch, spec, strict=True):
         np.testing.assert_array_equal(value, np.take(want, [5], axis=tensor.batch_axis))
+
+
+async def test_one_row_moves_as_a_batch_row_does_whatever_the_batch_axis() -> None:
+    """A lone step's gather and scatter (one row, basic indexing) read and write the same elements
+    as a batch's (np.take and fancy indexing); a negative slot is a row nobody keeps."""
+    spec = [
+        StateTensor("h", "h_in", "h_out", [2, BATCH, 3]),
+        StateTensor("x", "x_in", "x_out", [4, 2, BATCH]),
+        StateTensor("y", "y_in", "y_out", [BATCH, 5]),
+    ]
+    initial = [np.zeros(s.concrete_shape(1), dtype=np.float32) for s in spec]
+    rng = np.random.default_rng(1)
+    batch = [rng.standard_normal(s.concrete_shape(3)).astype(np.float32) for s in spec]
+    one, many = StatePool(spec, initial, capacity=8), StatePool(spec, initial, capacity=8)
+    slots = [one.alloc() for _ in range(3)]
+    assert [many.alloc() for _ in range(3)] == slots
+    many.scatter([slots[0], -1, slots[2]], batch)
+    for b, slot in enumerate(slots):
+        row = [np.take(value, [b], axis=t.batch_axis) for value, t in zip(batch, spec, strict=True)]
+        one.scatter([-1 if b == 1 else slot], row)
+    for slot in slots:
+        for mine, theirs in zip(one.read(slot), many.read(slot), strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+    assert not any(v.any() for v in one.read(slots[1]))  # the row nobody keeps was not written
+    together = many.gather([slots[2], slots[0]])
+    for b, slot in enumerate((slots[2], slots[0])):
+        for a, t, whole in zip(one.gather([slot]), spec, together, strict=True):
+            np.testing.assert_array_equal(a, np.take(whole, [b], axis=t.batch_axis))
 
 
 async def test_state_paired_by_name_not_position(tiny_bundle: Path, tmp_path: Path) -> None:
