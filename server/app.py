@@ -24,6 +24,7 @@ from . import kserve, reflection
 from .config import ANY_FREE_PORT, ServerConfig
 from .guard import Guard
 from .health import HealthServicer
+from .hugepages import huge_page_bytes
 from .metrics import Metrics, MetricsEndpoint
 from .model import ModelVersion
 from .repository import ModelLoadError, ModelNotFound, Repository
@@ -152,14 +153,16 @@ async def serve(
         else m.name
     )
     who = "nextword" if config.worker < 0 else f"worker {config.worker} (pid {os.getpid()})"
+    huge = huge_page_bytes()
     log.info(
-        "%s serving %s (%s, %s, %d onnxruntime thread%s) on %s:%d, metrics on :%d",
+        "%s serving %s (%s, %s, %d onnxruntime thread%s, %s) on %s:%d, metrics on :%d",
         who,
         served,
         m.cell,
         running.provider,
         config.intra_op_threads,
         "s" if config.intra_op_threads > 1 else "",
+        "huge pages: unknown" if huge is None else f"{huge / 2**20:.0f} MiB in huge pages",
         config.host,
         running.port,
         running.metrics_port,

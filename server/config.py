@@ -58,6 +58,12 @@ class ServerConfig:
     threads: int = option(
         0, "onnxruntime intra-op threads per worker (0: the cores this process may use, shared among workers)"
     )
+    huge_pages: bool = switch(
+        "keep the model's memory in 4 KB pages (by default, on Linux with glibc 2.35+ and huge pages on "
+        "madvise, the server restarts itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1: the "
+        "weights each step reads then sit in 2 MB pages; server/hugepages.py)",
+        off="--no-huge-pages",
+    )
     max_batch: int = option(64, "most session steps run in one onnxruntime call")
     max_delay_ms: float = option(
         5.0,

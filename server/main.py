@@ -9,9 +9,8 @@ import sys
 from nextword.bundle import BundleError
 from nextword.options import from_args
 
-from .app import StartupError, run, serve
 from .config import ServerConfig
-from .workers import Supervisor
+from .hugepages import restart_with_huge_pages
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -22,6 +21,12 @@ def main(args: argparse.Namespace) -> int:
         config = from_args(ServerConfig, args)
     except ValueError as exc:  # an out-of-range flag
         return _startup_failed(exc)
+    if config.huge_pages:
+        restart_with_huge_pages()  # returns only when there is nothing to do
+    # Imported after that restart: grpc and onnxruntime load once.
+    from .app import StartupError, run, serve
+    from .workers import Supervisor
+
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
     try:
         if config.worker_count > 1:

@@ -117,11 +117,20 @@ SERVING = re.compile(r"nextword serving \S+ \([^)]*\) on [\d.]+:(\d+)")
 @contextlib.contextmanager
 def nextword_process(args: list[str], ready: re.Pattern[str]) -> Iterator[re.Match[str]]:
     """``nextword ARGS`` as a real process, until its log says ``ready`` (the match); SIGTERM after."""
+    with nextword_popen(args, ready) as (match, _):
+        yield match
+
+
+@contextlib.contextmanager
+def nextword_popen(
+    args: list[str], ready: re.Pattern[str], env: dict[str, str] | None = None
+) -> Iterator[tuple[re.Match[str], subprocess.Popen[str]]]:
+    """``nextword_process`` with the process too, started with ``env`` (default: this one's)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nextword.cli", *args],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"},
     )
     try:
         assert proc.stderr is not None
@@ -130,7 +139,7 @@ def nextword_process(args: list[str], ready: re.Pattern[str]) -> Iterator[re.Mat
             line = proc.stderr.readline()
             assert line, f"nextword {args[0]} exited before it was ready:\n{log}"
             log += line
-        yield match
+        yield match, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
