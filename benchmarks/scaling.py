@@ -9,8 +9,10 @@ Every ratio compares numbers measured in this run, on this machine:
       onnxruntime step (batch 1, in a process of its own) plus the bare grpc.aio
       echo server's round trip;
 * S1b for information, what that floor leaves out: the same raw step made an echo
-      round trip apart (the server's steps are never back to back), and the
-      server's own mean onnxruntime call during S1's run (from its /metrics);
+      round trip apart (the server's steps are never back to back), the
+      server's own mean onnxruntime call during S1's run (from its /metrics), and
+      the raw step back to back with its memory in huge pages, as the server
+      keeps it (server/hugepages.py; the floor is onnxruntime as it runs by default);
 * S2  ``--workers N``: 256 closed-loop streams' words/s against the combined
       floor (echo messages/s and raw onnxruntime words/s at the batch the server
       formed, as the serving benchmark's P2), three times, each beside its own
@@ -75,6 +77,7 @@ from benchmarks.serving.runs import Bench, Run, run_table
 from benchmarks.serving.servers import Child, floor_server, nextword_server, running
 from benchmarks.serving.worker import run_worker
 from nextword.server.batcher import MODEL_THREAD
+from nextword.server.hugepages import environment, thp_mode
 from nextword.server.store import WRITER_THREAD
 
 SECTION = "## Scaling"
@@ -204,9 +207,12 @@ class Scaling:
         """Event-loop CPU seconds per reply of the run ``label``."""
         return self.by_thread[label].get("event loop", math.nan)
 
-    def raw(self, seconds: float, gap_ms: float = 0.0) -> dict[str, Any]:
+    def raw(self, seconds: float, gap_ms: float = 0.0, *, huge_pages: bool = False) -> dict[str, Any]:
+        """The raw onnxruntime worker, as onnxruntime runs by default, or (``huge_pages``) with its
+        memory in huge pages as ``nextword serve`` keeps it (server/hugepages.py), where it can."""
         timing = ("--seconds", str(seconds), "--calls", str(self.plan.raw_latency_calls))
-        return run_worker("raw", self.args.bundle, 1, *timing, "--gap-us", str(gap_ms * 1e3))
+        env = environment(dict(os.environ), thp_mode()) if huge_pages else None
+        return run_worker("raw", self.args.bundle, 1, *timing, "--gap-us", str(gap_ms * 1e3), env=env)
 
     def run(self) -> tuple[list[Row], dict[str, float]]:
         """Latency first, each repeat in turn: raw step, echo, nextword without and with each store
@@ -236,6 +242,7 @@ class Scaling:
                 raw = self.raw(self.plan.raw_s / 5, gap_ms=got["echo"])
                 got["step"] = raw["step_b1"]["p50_ms"]
                 got["step_apart"] = raw.get("step_ranked_gap_b1", {}).get("p50_ms", math.nan)
+                got["step_huge"] = self.raw(self.plan.raw_s / 5, huge_pages=True)["step_b1"]["p50_ms"]
                 for kind, spec in specs.items():
                     with running(self.nextword("--session-store", spec)) as server:
                         label = f"1 worker, {kind} store #{rep + 1}"
@@ -311,7 +318,10 @@ class Scaling:
                 f"raw step {mid['step_apart']:.3f} ms made {mid['echo']:.3f} ms apart (one echo round "
                 f"trip) against {mid['step']:.3f} back to back; the server's mean onnxruntime call "
                 f"in S1's run {mid['none_call']:.3f} ms; S1's p50 against the step made apart + echo "
-                f"RTT: **{_ratio(mid['none'], mid['step_apart'] + mid['echo']):.2f}×**",
+                f"RTT: **{_ratio(mid['none'], mid['step_apart'] + mid['echo']):.2f}×**; the raw step "
+                f"with its memory in huge pages as the server keeps it, back to back: "
+                f"{mid['step_huge']:.3f} ms (S1's p50 against it + echo RTT: "
+                f"{_ratio(mid['none'], mid['step_huge'] + mid['echo']):.2f}×)",
                 INFORMATION,
                 None,
             ),

@@ -20,10 +20,17 @@ from benchmarks.serving import ROOT
 KINDS = ("raw", "cold", "memory")
 
 
-def run_worker(kind: str, bundle: Path, threads: int, *extra: str, timeout: float = 300) -> dict[str, Any]:
+def run_worker(
+    kind: str,
+    bundle: Path,
+    threads: int,
+    *extra: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,  # the worker's environment (default: this process's)
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.serving", "--worker", kind, "--bundle", str(bundle.resolve())]
     cmd += ["--threads", str(threads), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {kind} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
