@@ -360,7 +360,10 @@ async def _grpc_server(
             guard.handler(
                 kserve.SERVICE,
                 kserve.KServeServicer(
-                    servicer, config.session_ttl, explicit=config.model_control == "explicit"
+                    servicer,
+                    config.session_ttl,
+                    explicit=config.model_control == "explicit",
+                    controllers=config.controllers,
                 ),
             ),
         )

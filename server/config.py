@@ -10,6 +10,7 @@ from nextword.bundle import DEMO_BUNDLE
 from nextword.options import option, switch
 from nextword.ranking import CACHE_WEIGHT
 
+ANONYMOUS = "anonymous"  # the principal of every caller of a server that authenticates nobody
 ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns metrics off
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -121,6 +122,12 @@ class ServerConfig:
     )
     tokens_file: Path | None = option(
         None, "bearer tokens: lines 'SHA256-HEX PRINCIPAL' (re-read when it changes; see nextword token)"
+    )
+    control_principals: str = option(
+        "",
+        "principals that may load and unload models with --model-control explicit, comma-separated "
+        "(default: every caller when the server authenticates nobody, nobody when it does)",
+        metavar="NAME,...",
     )
     expose_manifest: bool = switch(
         "GetModelInfo returns the whole manifest, local paths and commands included"
@@ -239,6 +246,18 @@ class ServerConfig:
             raise ValueError("--prefill-call-tokens must be at least --prefill-chunk-tokens")
         if self.max_inflight_tokens < self.max_request_tokens:
             raise ValueError("--max-inflight-tokens must be at least --max-request-tokens (one must fit)")
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether callers have principals of their own (bearer tokens or client certificates)."""
+        return self.tokens_file is not None or self.tls_client_ca is not None
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        """The principals ``--control-principals`` lets load and unload models (its default: every
+        caller, all anonymous, where nobody is authenticated; none where callers are)."""
+        named = frozenset(p.strip() for p in self.control_principals.split(",") if p.strip())
+        return named or (frozenset() if self.authenticates else frozenset({ANONYMOUS}))
 
     def _check_network(self) -> None:
         """The security and connection settings (the files themselves are read at startup)."""

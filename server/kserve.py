@@ -138,10 +138,18 @@ class _OneRequest:
 class KServeServicer:
     """``inference.GRPCInferenceService`` answered by the NextWord servicer's own session steps."""
 
-    def __init__(self, nextword: NextWordServicer, idle_s: float, *, explicit: bool = False) -> None:
+    def __init__(
+        self,
+        nextword: NextWordServicer,
+        idle_s: float,
+        *,
+        explicit: bool = False,
+        controllers: frozenset[str] = frozenset(),
+    ) -> None:
         self._nextword = nextword
         self._models = nextword.models
         self._explicit = explicit  # --model-control explicit: RepositoryModelLoad/Unload allowed
+        self._controllers = controllers  # ... to these principals (ServerConfig.controllers)
         self._idle_s = idle_s  # how long a sequence's session is kept between requests (--session-ttl)
         self._sequences: OrderedDict[tuple[str, str], str] = OrderedDict()  # (principal, id) -> session
         self._response = _message("ModelInferResponse")
@@ -304,6 +312,13 @@ class KServeServicer:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"explicit model {what} is not allowed while the repository is polled: the server "
                 "loads what DIR holds by itself (--model-control explicit loads and unloads by call)",
+            )
+        if (principal := PRINCIPAL.get()) not in self._controllers:
+            # Loading and unloading reach every caller's sessions: not for whoever may predict.
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal[:16]} may not {what} models on this server: its operator names who may "
+                "with --control-principals",
             )
 
     # ---- one inference ------------------------------------------------------------------

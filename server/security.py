@@ -30,11 +30,10 @@ from typing import Any
 
 import grpc
 
-from .config import ServerConfig
+from .config import ANONYMOUS, ServerConfig
 
 log = logging.getLogger("nextword.server")
 
-ANONYMOUS = "anonymous"
 # The principal of the call being served: set by the guard (guard.py) before any servicer code runs
 # for a call from the network; in-process callers of the servicer (benchmarks) are anonymous.
 PRINCIPAL: contextvars.ContextVar[str] = contextvars.ContextVar("nextword_principal", default=ANONYMOUS)

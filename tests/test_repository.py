@@ -17,6 +17,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from nextword.bundle import MANIFEST, load_bundle
+from nextword.server.tokens import append_token
 from nextword.v1 import nextword_pb2 as pb
 from nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import nextword_process, train_tiny
@@ -217,6 +218,35 @@ def test_kserve_repository_calls_load_and_unload_with_explicit_control(
             session.close()
         finally:
             kserve.close()
+
+
+def test_only_the_named_principals_load_and_unload_where_callers_are_authenticated(
+    serve_repo: Callable[..., Any], tmp_path: Path
+) -> None:
+    """With tokens, explicit control is for --control-principals alone (by default for nobody): an
+    unload reaches every caller's sessions, so whoever may predict may not do it."""
+    tokens = tmp_path / "tokens"
+    alice, bob = append_token(tokens, "alice"), append_token(tokens, "bob")
+    as_alice, as_bob = ({"authorization": f"Bearer {t}"} for t in (alice, bob))
+    control = ("--model-control", "explicit", "--tokens-file", str(tokens))
+    for extra, allowed in (((), set()), (("--control-principals", "ops, alice"), {"alice"})):
+        with serve_repo(*control, *extra) as match:
+            kserve = triton.InferenceServerClient(f"127.0.0.1:{match.group(1)}")
+            try:
+                for who, headers in (("bob", as_bob), ("alice", as_alice)):
+                    if who in allowed:
+                        kserve.unload_model("tiny", headers=headers)
+                        assert not kserve.is_model_ready("tiny", headers=headers)
+                        kserve.load_model("tiny", headers=headers)
+                        continue
+                    for call in (kserve.unload_model, kserve.load_model):
+                        with pytest.raises(InferenceServerException, match="--control-principals") as no:
+                            call("tiny", headers=headers)
+                        assert no.value.status() == "StatusCode.PERMISSION_DENIED"
+                        assert f"{who} may not" in no.value.message()
+                    assert kserve.is_model_ready("tiny", headers=headers)
+            finally:
+                kserve.close()
 
 
 def test_polling_refuses_explicit_loads_and_names_the_flag(
