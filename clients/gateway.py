@@ -3,12 +3,13 @@
 A browser cannot open a gRPC bidirectional stream, so the gateway (aiohttp) speaks
 JSON to it and gRPC to the server, with the client library any Python program uses:
 
-* ``POST /v1/predict`` ``{"text": "...", "k": 3}``: one prediction, no state kept;
+* ``POST /v1/predict`` ``{"text": "...", "k": 3}``: one prediction, no state kept (``"model"``
+  names one of a repository's models; empty or absent: the server's default);
 * ``GET /v1/session``, a WebSocket: each message ``{"text": "...", "k": 3, "reset": false}``
   is one request of one nextword session (the text is appended to what the session has
   read; ``reset`` starts over with it), answered by one message with the prediction and
-  the session's id and seq; the first message may name a ``session_id`` to resume, and ask
-  with ``"learn": true`` for a session that learns its user (``Strip.learn``);
+  the session's id and seq; the first message may name a ``session_id`` to resume, a
+  ``model``, and ask with ``"learn": true`` for a session that learns its user (``Strip.learn``);
 * ``GET /`` the demo page and ``GET /nextword.js`` its client (an ES module, no build step);
 * ``GET /metrics``: the gateway's own, for Prometheus (requests by route and answer, sockets).
 
@@ -130,18 +131,21 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-def _request(data: Any) -> tuple[str, int, bool]:
-    """``text``, ``k`` and ``reset`` of a JSON request; ValueError with what is wrong."""
+def _request(data: Any) -> tuple[str, int, bool, str]:
+    """``text``, ``k``, ``reset`` and ``model`` of a JSON request; ValueError with what is wrong."""
     if not isinstance(data, dict):
         raise ValueError('send a JSON object such as {"text": "it is a truth ", "k": 3}')
     text, k, reset = data.get("text", ""), data.get("k", 3), data.get("reset", False)
+    model = data.get("model", "")
     if not isinstance(text, str):
         raise ValueError('"text" must be a string')
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise ValueError('"k" must be a whole number, 0 or more')
     if not isinstance(reset, bool):
         raise ValueError('"reset" must be true or false')
-    return text, k, reset
+    if not isinstance(model, str):
+        raise ValueError('"model" must be a string: the name of a model the server serves')
+    return text, k, reset, model
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -155,12 +159,12 @@ async def _predicted(request: web.Request) -> tuple[dict[str, Any], int]:
     if (request.content_length or 0) > request.app[OPTIONS_KEY].max_message_bytes:
         return _error("INVALID_ARGUMENT", "request too large"), 413
     try:
-        text, k, _ = _request(await request.json())
+        text, k, _, model = _request(await request.json())
         metadata = request.app[PASS_KEY].metadata(_bearer(request))
     except (ValueError, json.JSONDecodeError) as exc:  # TokenRefused is a ValueError
         return _error("INVALID_ARGUMENT", str(exc)), 400
     try:
-        prediction = await request.app[CLIENT_KEY].predict(text, k, metadata=metadata)
+        prediction = await request.app[CLIENT_KEY].predict(text, k, model=model, metadata=metadata)
     except grpc.RpcError as exc:
         body = _rpc_error(exc)
         return body, _HTTP_STATUS.get(body["error"]["code"], 502)
@@ -214,7 +218,7 @@ async def session(request: web.Request) -> web.StreamResponse:
             start = time.perf_counter()
             try:
                 data = json.loads(msg.data)
-                text, k, reset = _request(data)
+                text, k, reset, model = _request(data)
                 if stream is None:  # a socket's first message may carry the caller's token
                     token = data.get("token") if isinstance(data.get("token"), str) else _bearer(request)
                     metadata = request.app[PASS_KEY].metadata(token)
@@ -228,6 +232,7 @@ async def session(request: web.Request) -> web.StreamResponse:
                 stream = request.app[CLIENT_KEY].session(
                     named if isinstance(named, str) and named else resume,
                     k or None,
+                    model=model,
                     metadata=metadata,
                     strip=strip,
                 )

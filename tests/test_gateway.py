@@ -99,6 +99,30 @@ def _answers(gateway: str, code: str) -> float:
     return 0.0
 
 
+async def test_a_request_may_name_its_model(gateway: str) -> None:
+    """``model`` goes on to the server: the model it serves answers, another is NOT_FOUND in the
+    server's words, over HTTP and on a socket (named by its first message)."""
+
+    def ask(**body: Any) -> tuple[int, dict[str, Any]]:
+        return _post(f"{gateway}/v1/predict", json.dumps({"text": "it is a "} | body).encode())
+
+    named, plain = ask(model="mixed"), ask()
+    assert named == plain and named[0] == 200
+    status, body = ask(model="nosuch")
+    assert (status, body["error"]["code"]) == (404, "NOT_FOUND") and "nosuch" in body["error"]["message"]
+    status, body = ask(model=3)
+    assert (status, body["error"]["code"]) == (400, "INVALID_ARGUMENT")
+    assert '"model"' in body["error"]["message"]
+    async with aiohttp.ClientSession() as http:
+        for model, code in (("mixed", None), ("nosuch", "NOT_FOUND")):
+            async with http.ws_connect(f"{gateway.replace('http', 'ws')}/v1/session") as ws:
+                await ws.send_json({"text": "it is a ", "model": model})
+                reply = await ws.receive_json(timeout=10)
+                assert reply.get("error", {}).get("code") == code
+                if code is None:
+                    assert reply["suggestions"] == plain[1]["suggestions"]
+
+
 async def test_a_websocket_is_one_session_answering_as_a_grpc_session(gateway: str, server: str) -> None:
     pieces = ["it is a truth ", "univ", "ersally ", "acknowledged"]
     async with (

@@ -4,6 +4,7 @@
 //   const session = new NextWordSession();            // ws(s)://<this host>/v1/session
 //   (learn: true: the session learns its user, the words typed often rising: Strip.learn)
 //   (a server that wants a bearer token: new NextWordSession({ token }), predict(text, { token }))
+//   (a model repository's model: new NextWordSession({ model: "name" }), predict(text, { model }))
 //   const p = await session.send("it is a truth univ"); // {suggestions, completions, partial, ...}
 //   await session.send("ersally ");                     // text is appended to what was sent
 //   await session.send("It was", { reset: true });      // start over with this text
@@ -12,13 +13,13 @@
 // server restarts; if the gateway itself goes away, the next send opens a new socket
 // naming the session, so the server takes it up where it was.
 
-export async function predict(text, { k = 3, base = "", token = null } = {}) {
+export async function predict(text, { k = 3, base = "", token = null, model = "" } = {}) {
   const headers = { "Content-Type": "application/json" };
   if (token) headers.Authorization = `Bearer ${token}`;
   const reply = await fetch(`${base}/v1/predict`, {
     method: "POST",
     headers,
-    body: JSON.stringify({ text, k }),
+    body: JSON.stringify(model ? { text, k, model } : { text, k }),
   });
   const body = await reply.json();
   if (body.error) throw new NextWordError(body.error.code, body.error.message);
@@ -33,10 +34,11 @@ export class NextWordError extends Error {
 }
 
 export class NextWordSession {
-  constructor({ url = defaultUrl(), k = 3, token = null, learn = false } = {}) {
+  constructor({ url = defaultUrl(), k = 3, token = null, learn = false, model = "" } = {}) {
     this.url = url;
     this.k = k;
     this.learn = learn;
+    this.model = model; // a repository's model by name ("": the server's default)
     this.token = token; // read by the gateway from a socket's first message, never put in the URL
     this.sessionId = null;
     this._socket = null;
@@ -60,6 +62,7 @@ export class NextWordSession {
     if (this.sessionId) request.session_id = this.sessionId; // read only by a new socket's first message
     if (this.token) request.token = this.token;
     if (this.learn) request.learn = true; // like session_id, read from a socket's first message
+    if (this.model) request.model = this.model; // likewise: a session keeps the model it began on
     const reply = await new Promise((resolve, reject) => {
       this._waiting.push({ resolve, reject });
       socket.send(JSON.stringify(request));
