@@ -57,6 +57,7 @@ from nextword.runtime import OnnxLM, Ranked
 
 from .metrics import Metrics
 from .state import StatePool
+from .stats import ModelStats
 from .store import Persister, Record
 from .threads import name_this_thread
 
@@ -179,6 +180,7 @@ class Batcher:
         self._queue_wait = metrics.queue_wait.labels(*model).observe
         self._batch_size = metrics.batch_size.labels(*model).observe
         self._words = metrics.words.labels(*model).inc
+        self.stats = ModelStats()  # the same times, summed for KServe's ModelStatistics
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -360,6 +362,7 @@ class Batcher:
         start = time.perf_counter()
         for r in group:
             self._queue_wait(start - r.enqueued)
+            self.stats.queue.add(start - r.enqueued)
         try:
             answers = await self._compute(key, group, inline)
         except Exception as exc:  # the model failed: every caller of this group gets the error
@@ -412,17 +415,20 @@ class Batcher:
         ``inline``: on this thread instead (a lone step, see ``_submit``)."""
 
         observe = self._compute_time[graph]
+        took = 0.0
 
         def timed() -> Ranked:
+            nonlocal took
             start = time.perf_counter()
             ranked = fn()
-            observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            observe(took)
             self._store(group, ranked.state if state_in is None else state_in, inline)
             return ranked
 
-        if inline:
-            return timed()
-        return await self._model.run(timed)
+        ranked = timed() if inline else await self._model.run(timed)
+        self.stats.called(len(group), took)  # here, on the event loop's thread
+        return ranked
 
     def _store(self, group: list[_Request], state: Sequence[np.ndarray], inline: bool) -> None:
         """Hand the group's records, with their rows of ``state``, to the store's writer (a lone

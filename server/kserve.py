@@ -120,6 +120,29 @@ def _parameter(request: Any, name: str) -> Any:
     return getattr(param, kind) if kind else None
 
 
+def _statistics(model: ModelVersion) -> Any:
+    """KServe's ``ModelStatistics`` of one version, from its counts (server/stats.py)."""
+    stats, took = model.stats, _message("StatisticDuration")
+    batch = _message("InferBatchStatistics")
+    return _message("ModelStatistics")(
+        name=model.name,
+        version=model.version,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.success.count,
+        execution_count=stats.executions,
+        inference_stats=_message("InferStatistics")(
+            success=took(count=stats.success.count, ns=stats.success.ns),
+            fail=took(count=stats.fail.count, ns=stats.fail.ns),
+            queue=took(count=stats.queue.count, ns=stats.queue.ns),
+            compute_infer=took(count=stats.compute.count, ns=stats.compute.ns),
+        ),
+        batch_stats=[
+            batch(batch_size=size, compute_infer=took(count=d.count, ns=d.ns))
+            for size, d in sorted(stats.batches.items())
+        ],
+    )
+
+
 class _OneRequest:
     """A stream's context as one of its requests sees it: a refusal of the request (the NextWord
     servicer's ``abort``: a limit, an unknown session) becomes that request's ``error_message``,
@@ -171,7 +194,9 @@ class KServeServicer:
             release = version("nextword")
         except PackageNotFoundError:
             release = "unknown"
-        return _message("ServerMetadataResponse")(name="nextword", version=release, extensions=["sequence"])
+        return _message("ServerMetadataResponse")(
+            name="nextword", version=release, extensions=["sequence", "statistics", "model_repository"]
+        )
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         model = await self._model(request.name, request.version, context)
@@ -320,6 +345,16 @@ class KServeServicer:
                 f"{principal[:16]} may not {what} models on this server: its operator names who may "
                 "with --control-principals",
             )
+
+    # ---- statistics (Triton's extension) -----------------------------------------------
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Every loaded version's (those still finishing sessions too), or those of ``name``."""
+        models = sorted((v for v in self._models.versions.values() if not v.closed), key=lambda v: v.key)
+        if request.name:
+            models = [v for v in models if v.name == request.name and request.version in ("", v.version)]
+            if not models:
+                await self._model(request.name, request.version, context)  # NOT_FOUND, saying what is served
+        return _message("ModelStatisticsResponse")(model_stats=[_statistics(v) for v in models])
 
     # ---- one inference ------------------------------------------------------------------
     async def _infer(self, request: Any, context: grpc.aio.ServicerContext, held: Stream) -> Any:

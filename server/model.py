@@ -11,6 +11,7 @@ from nextword.runtime import OnnxLM
 
 from .batcher import Batcher
 from .state import StatePool
+from .stats import ModelStats
 
 Signature = tuple[tuple[str, int, int], ...]  # a folder's files: (path, size, mtime in ns)
 
@@ -36,6 +37,10 @@ class ModelVersion:
     @property
     def fingerprint(self) -> str:
         return self.bundle.manifest.fingerprint
+
+    @property
+    def stats(self) -> ModelStats:
+        return self.batcher.stats
 
     @property
     def provider(self) -> str:

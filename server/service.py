@@ -500,40 +500,48 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         With ``keep`` the new state goes to a fresh slot (returned); the caller frees the one it drops.
         With a ``session`` and a store, its record goes to the store with the new state.
         """
-        tokens, partial, ticket = await self._cost(caller, pending, text)
-        ids = model.bundle.vocab.encode(tokens)
-        ranker = model.ranker
-        user_words, cache = _typed(session, ranker, tokens, ids, strip)
-        passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
-        record = None
-        if session is not None and self._persister is not None:
-            # What this reply will show is not known until after the step: not stored.
-            record = self._record(
-                session,
-                model.fingerprint,
-                k,
-                context_tokens + len(tokens),
-                partial,
-                user_words,
-                replace(strip, passed=passed, shown=()),
-                cache,
+        start = time.perf_counter()
+        try:
+            tokens, partial, ticket = await self._cost(caller, pending, text)
+            ids = model.bundle.vocab.encode(tokens)
+            ranker = model.ranker
+            user_words, cache = _typed(session, ranker, tokens, ids, strip)
+            passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
+            record = None
+            if session is not None and self._persister is not None:
+                # What this reply will show is not known until after the step: not stored.
+                record = self._record(
+                    session,
+                    model.fingerprint,
+                    k,
+                    context_tokens + len(tokens),
+                    partial,
+                    user_words,
+                    replace(strip, passed=passed, shown=()),
+                    cache,
+                )
+            # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
+            learning = strip.learn and len(cache) > 0 and self._config.cache_weight > 0
+            whole = bool(partial) or k > ranker.graph_k or learning
+            # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
+            # sequences, has one step open at a time here, yet its next requests wait to share the call.)
+            shared = session is not None and session.stream is not None and session.stream.shared
+            lone = session is not None and len(self._streams) == 1 and not shared
+            scores, slot = await self._model(
+                model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone
             )
-        # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
-        learning = strip.learn and len(cache) > 0 and self._config.cache_weight > 0
-        whole = bool(partial) or k > ranker.graph_k or learning
-        # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
-        # sequences, has one step open at a time here, yet its next requests wait to share the call.)
-        shared = session is not None and session.stream is not None and session.stream.shared
-        lone = session is not None and len(self._streams) == 1 and not shared
-        scores, slot = await self._model(
-            model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone
-        )
-        if learning:
-            scores = cache.mix(scores, self._config.cache_weight)
-        context_tokens += len(tokens)
-        prediction = ranker.predict(
-            scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
-        )
+            if learning:
+                scores = cache.mix(scores, self._config.cache_weight)
+            context_tokens += len(tokens)
+            prediction = ranker.predict(
+                scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed
+            )
+        except asyncio.CancelledError:
+            raise  # the caller went away: neither answered nor refused
+        except BaseException:
+            model.stats.failed(time.perf_counter() - start)
+            raise
+        model.stats.answered(time.perf_counter() - start)
         return _Applied(
             prediction, slot, partial, context_tokens, user_words, cache, strip.after(passed, prediction)
         )

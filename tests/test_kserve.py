@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,43 @@ def test_a_refused_streamed_request_gets_an_error_message_and_the_stream_goes_on
         for j, p in enumerate(PIECES[:2])
     ]
     assert _words(result) == alone[1]
+
+
+def test_model_statistics_count_what_the_model_did(client: Any, model: str) -> None:
+    """Triton's statistics extension: requests answered and refused, with their time; every step's
+    queue wait and call; model calls by batch size (one client: batches of one)."""
+
+    def stats() -> dict[str, Any]:
+        (row,) = client.get_inference_statistics(model, as_json=True)["model_stats"]
+        assert (row["name"], row["version"]) == (model, "1")
+        return row
+
+    def count(row: dict[str, Any], *path: str) -> int:
+        found: Any = row
+        for key in path:
+            found = found.get(key, {})
+        return int(found or 0)  # proto3 JSON leaves zeros out
+
+    before, start_ms = stats(), time.time_ns() // 1_000_000
+    for piece in PIECES[:3]:
+        client.infer(model, _text(piece))
+    with pytest.raises(InferenceServerException, match="--max-word-chars"):
+        client.infer(model, _text("x" * 150))  # a word too long to carry: refused
+    after = stats()
+
+    def grew(*path: str) -> int:
+        return count(after, *path) - count(before, *path)
+
+    assert grew("inference_count") == grew("inference_stats", "success", "count") == 3
+    assert grew("inference_stats", "fail", "count") == 1
+    steps = grew("inference_stats", "compute_infer", "count")
+    assert steps >= 3 and grew("inference_stats", "queue", "count") == steps
+    assert grew("execution_count") == steps  # one request at a time: a call each
+    assert grew("inference_stats", "success", "ns") > 0
+    assert count(after, "last_inference") >= start_ms
+    ones = next(b for b in after["batch_stats"] if int(b["batch_size"]) == 1)
+    assert int(ones["compute_infer"]["count"]) >= steps
+    everything = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert [r["name"] for r in everything] == [model]
+    with pytest.raises(InferenceServerException, match="not served"):
+        client.get_inference_statistics("some-other-model")
