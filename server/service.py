@@ -507,28 +507,22 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             ranker = model.ranker
             user_words, cache = _typed(session, ranker, tokens, ids, strip)
             passed = strip.passing(new_word=bool(tokens), grew=partial != pending)
-            record = None
-            if session is not None and self._persister is not None:
-                # What this reply will show is not known until after the step: not stored.
-                record = self._record(
-                    session,
-                    model.fingerprint,
-                    k,
-                    context_tokens + len(tokens),
-                    partial,
-                    user_words,
-                    replace(strip, passed=passed, shown=()),
-                    cache,
-                )
+            record = self._record(
+                session,
+                model.fingerprint,
+                k,
+                context_tokens + len(tokens),
+                partial,
+                user_words,
+                strip,
+                passed,
+                cache,
+            )
             # Completions rank the whole vocabulary, and so does a k beyond what the graph ranks.
             learning = strip.learn and len(cache) > 0 and self._config.cache_weight > 0
             whole = bool(partial) or k > ranker.graph_k or learning
-            # Nobody to batch with: no thread hops. (A shared stream, KServe's carrying several
-            # sequences, has one step open at a time here, yet its next requests wait to share the call.)
-            shared = session is not None and session.stream is not None and session.stream.shared
-            lone = session is not None and len(self._streams) == 1 and not shared
             scores, slot = await self._model(
-                model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=lone
+                model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=self._lone(session)
             )
             if learning:
                 scores = cache.mix(scores, self._config.cache_weight)
@@ -545,6 +539,14 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         return _Applied(
             prediction, slot, partial, context_tokens, user_words, cache, strip.after(passed, prediction)
         )
+
+    def _lone(self, session: SessionRecord | None) -> bool:
+        """Whether a session's step has nobody to share its call with: it then runs inline, with no
+        thread hops. (A shared stream, KServe's carrying several sequences, has one step open at
+        a time here, yet its next requests wait to share the call.)"""
+        if session is None or len(self._streams) != 1:
+            return False
+        return session.stream is None or not session.stream.shared
 
     async def _model(
         self,
@@ -587,16 +589,21 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _record(
         self,
-        session: SessionRecord,
+        session: SessionRecord | None,
         fingerprint: str,
         k: int,
         context_tokens: int,
         partial: str,
         user_words: UserWords,
         strip: StripState,
+        passed: tuple[str, ...],
         cache: WordCache,
-    ) -> Record:
-        """What the store keeps of ``session`` once the request being answered is done."""
+    ) -> Record | None:
+        """What the store keeps of ``session`` once the request being answered is done (None: no
+        session, or no store). What the reply will show is not known until after the step: not kept."""
+        if session is None or self._persister is None:
+            return None
+        strip = replace(strip, passed=passed, shown=())
         return Record(
             session.id,
             session.principal,
