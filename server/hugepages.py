@@ -55,8 +55,15 @@ def restart_with_huge_pages() -> None:
     if not sys.platform.startswith("linux") or not _glibc_takes_the_tunable():
         return
     env = environment(dict(os.environ), thp_mode())
-    if env is not None:
+    if env is None or not sys.executable:
+        return
+    try:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError as exc:  # the process goes on as it is, in 4 KB pages
+        print(
+            f"nextword serve: cannot restart for huge pages ({exc.strerror}); serving without",
+            file=sys.stderr,
+        )
 
 
 def huge_page_bytes() -> int | None:

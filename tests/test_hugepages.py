@@ -59,3 +59,20 @@ def test_serve_restarts_itself_in_place_with_its_weights_in_huge_pages(tiny_bund
     assert huge > 0
     env, huge = _serve(tiny_bundle, "--no-huge-pages")
     assert "GLIBC_TUNABLES" not in env and huge == 0
+
+
+def test_a_restart_that_fails_leaves_the_server_serving_in_small_pages(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nextword.server import hugepages
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(hugepages, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(hugepages, "_glibc_takes_the_tunable", lambda: True)
+    monkeypatch.setattr(hugepages.sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(hugepages.os, "execve", refuse)
+    hugepages.restart_with_huge_pages()  # returns: the caller goes on serving
+    assert "cannot restart for huge pages (Permission denied)" in capsys.readouterr().err
