@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nextword.bundle import DEMO_BUNDLE
 from nextword.options import option, switch
-from nextword.ranking import CACHE_WEIGHT
+from nextword.ranking import CACHE_WEIGHT, FOLLOW_WEIGHT
 
 ANONYMOUS = "anonymous"  # the principal of every caller of a server that authenticates nobody
 ANY_FREE_PORT = -1  # metrics_port value that binds a free port (tests); 0 turns metrics off
@@ -80,6 +80,11 @@ class ServerConfig:
         CACHE_WEIGHT,
         "share of the cache of a user's own words in the next-word distribution of a session "
         "that asks to learn (Strip.learn; 0: learning sessions behave as others)",
+    )
+    cache_follow_weight: float = option(
+        FOLLOW_WEIGHT,
+        "share, beside --cache-weight's, of the words that followed the user's latest word earlier "
+        "in a learning session (a cache of the user's word pairs; 0: words alone)",
     )
     max_message_bytes: int = option(64 * 1024, "", cli=False)
     log_level: str = option("info", "log level", choices=LOG_LEVELS)
@@ -188,6 +193,11 @@ class ServerConfig:
             )
         if not 0 <= self.cache_weight < 1:
             raise ValueError(f"invalid --cache-weight {self.cache_weight:g}: a share, from 0 up to (not) 1")
+        if not 0 <= self.cache_follow_weight < 1 - self.cache_weight:
+            raise ValueError(
+                f"invalid --cache-follow-weight {self.cache_follow_weight:g}: a share, from 0, with "
+                "--cache-weight less than 1"
+            )
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default k {self.default_k} must be between 1 and --max-k {self.max_k}")
         if self.max_batch < 1 or self.max_delay_ms < 0 or self.lone_poll_us < 0:

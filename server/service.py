@@ -525,7 +525,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 model, ids, src, ticket, keep=keep, whole=whole, record=record, lone=self._lone(session)
             )
             if learning:
-                scores = cache.mix(scores, self._config.cache_weight)
+                scores = cache.mix(scores, self._config.cache_weight, self._config.cache_follow_weight)
             context_tokens += len(tokens)
             prediction = ranker.predict(
                 scores, partial, k, context_tokens, user_words, policy=strip.policy, passed=passed

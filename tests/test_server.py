@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from nextword.bundle import BATCH, StateTensor, load_bundle
+from nextword.ranking import CACHE_WEIGHT, FOLLOW_WEIGHT
 from nextword.runtime import OnnxLM
 from nextword.server.app import RunningServer, start_server
 from nextword.server.batcher import Batcher
@@ -714,20 +715,24 @@ async def test_no_repeat_leaves_out_what_the_user_typed_past(
 
 
 async def test_a_learning_session_raises_the_words_its_user_repeats(stub: pb_grpc.NextWordStub) -> None:
-    """Strip.learn mixes a cache of the session's own words into the distribution: a word this
-    text repeats rises, by exactly (1 - λ) p + λ c/N; Predict with the same text answers the same,
-    and the cache outlives a resume on a new stream and a reset."""
+    """Strip.learn mixes caches of the session's own words and word pairs into the distribution:
+    a word this text repeats rises, by exactly (1 - λ - μ) p + λ c(w)/N + μ c(v w)/c(v ·) with v
+    the latest word; Predict with the same text answers the same, and the cache outlives a
+    resume on a new stream and a reset."""
     text = "the table sat on the table . the table . the t"  # completions: the whole distribution
     learn = pb.Strip(learn=True)
     plain = await stub.Predict(pb.PredictRequest(text=text, k=10))
     learned = await stub.Predict(pb.PredictRequest(text=text, k=10, strip=learn))
     before = {s.word: s.prob for s in plain.prediction.completions}
     after = {s.word: s.prob for s in learned.prediction.completions}
+    lam, mu = CACHE_WEIGHT, FOLLOW_WEIGHT
     counts = {"the": 4, "table": 3}  # of the N = 9 words typed that the strip could offer
+    follows = {"table": 1.0}  # what followed the latest word, "the", before: "table" all 3 times
     for w, c in counts.items():
-        assert after[w] == pytest.approx(0.95 * before[w] + 0.05 * c / 9, rel=1e-4), w
+        want = (1 - lam - mu) * before[w] + lam * c / 9 + mu * follows.get(w, 0.0)
+        assert after[w] == pytest.approx(want, rel=1e-4), w
     others = [w for w in after if w not in counts and w in before]
-    assert others and all(after[w] == pytest.approx(0.95 * before[w], rel=1e-4) for w in others)
+    assert others and all(after[w] == pytest.approx((1 - lam - mu) * before[w], rel=1e-4) for w in others)
     chat = Chat(stub)
     for piece in ("the table sat on ", "the table . the table . ", "the t"):
         reply = await chat.say(piece, k=10, strip=learn)
