@@ -283,9 +283,7 @@ def restart(state: tuple[Tensor, ...], axis: int, prob: float) -> tuple[Tensor, 
     a regime it never left and scored whole columns at perplexity 10^5 (benchmarks/RESULTS.md)."""
     n = state[0].size(axis)
     keep = (torch.rand(n, device=state[0].device) >= prob).to(state[0].dtype)
-    shape = [1] * state[0].dim()
-    shape[axis] = n
-    return tuple(s * keep.view(shape) for s in state)
+    return tuple(s * keep.view([n if d == axis else 1 for d in range(s.dim())]) for s in state)
 
 
 def train_epoch(

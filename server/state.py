@@ -35,8 +35,8 @@ class StatePool:
         # Each tensor's index up to its batch axis: (*at, slot) is one slot's row, by basic indexing.
         self._at: list[tuple[Any, ...]] = [(slice(None),) * axis for axis in self._axes]
         self._arrays = [np.zeros(s.concrete_shape(capacity), dtype=np.dtype(s.dtype)) for s in spec]
-        for array, axis, value in zip(self._arrays, self._axes, initial, strict=True):
-            array[(slice(None),) * axis + (INITIAL,)] = np.take(value, 0, axis=axis)
+        for array, at, value in zip(self._arrays, self._at, initial, strict=True):
+            array[(*at, INITIAL)] = value[(*at, 0)]
         self._free = list(range(capacity - 1, INITIAL, -1))  # pop() hands out low slots first
         self._buffers: dict[int, list[np.ndarray]] = {}
         self.slot_bytes = sum(a.nbytes // a.shape[ax] for a, ax in zip(self._arrays, self._axes, strict=True))
