@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Candidates for a stronger demo model: LSTMs larger than the 2x256 demo, trained side by side on
-# one GPU from ../shared/data/mixed/train-open.txt (laid out as scripts/make_demo.sh lays it out),
+# one GPU from ../shared/data/mixed/train-open.txt (laid out by scripts/layout_mixed.sh),
 # each exported, made into a static int8 bundle (the committed demo must stay under 25 MB, and a
 # 2x512 LSTM is 37 MB in fp32), and its perplexity scored by `nextword quantize`.
 #
@@ -12,14 +12,8 @@
 # Several small trainings share one GPU well: one 2x256 run alone leaves most of it idle.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mixed=../shared/data/mixed
 data=${DATA:-runs/mixed-open}
-if [ -z "${DATA:-}" ]; then
-    mkdir -p "$data"
-    ln -sf "$(realpath "$mixed/train-open.txt")" "$data/train.txt"
-    ln -sf "$(realpath "$mixed/valid.txt")" "$data/valid.txt"
-    ln -sf "$(realpath "$mixed/test.txt")" "$data/test.txt"
-fi
+[ -n "${DATA:-}" ] || scripts/layout_mixed.sh "$data"
 runs=${RUNS:-runs/candidates}
 minutes=${MINUTES:-7}
 device=${DEVICE:-cuda}

@@ -17,10 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mixed=../shared/data/mixed
 data=runs/mixed-open
-mkdir -p "$data"
-ln -sf "$(realpath "$mixed/train-open.txt")" "$data/train.txt"
-ln -sf "$(realpath "$mixed/valid.txt")" "$data/valid.txt"
-ln -sf "$(realpath "$mixed/test.txt")" "$data/test.txt"
+scripts/layout_mixed.sh "$data"
 want=$(python -c "import json; print(json.load(open('models/demo/manifest.json'))['training']['data']['train']['sha256'])")
 got=$(sha256sum "$data/train.txt" | cut -d' ' -f1)
 if [ "$want" != "$got" ]; then
