@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -154,6 +155,7 @@ class Batcher:
         prefill_call_tokens: int = 64,  # ServerConfig.prefill_call_tokens
         persister: Persister | None = None,  # the session store, if the server has one
         model: tuple[str, str] = ("", ""),  # name and version: its metrics' labels
+        stats_dir: Path | None = None,  # ServerConfig.stats_dir: the workers' shared statistics
     ) -> None:
         if chunk_tokens < 1 or prefill_call_tokens < chunk_tokens:
             raise ValueError("need 1 <= chunk_tokens <= prefill_call_tokens")
@@ -180,7 +182,7 @@ class Batcher:
         self._queue_wait = metrics.queue_wait.labels(*model).observe
         self._batch_size = metrics.batch_size.labels(*model).observe
         self._words = metrics.words.labels(*model).inc
-        self.stats = ModelStats()  # the same times, summed for KServe's ModelStatistics
+        self.stats = ModelStats(max_batch, stats_dir, model)  # the same times, for KServe's ModelStatistics
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -362,7 +364,7 @@ class Batcher:
         start = time.perf_counter()
         for r in group:
             self._queue_wait(start - r.enqueued)
-            self.stats.queue.add(start - r.enqueued)
+            self.stats.waited(start - r.enqueued)
         try:
             answers = await self._compute(key, group, inline)
         except Exception as exc:  # the model failed: every caller of this group gets the error

@@ -117,6 +117,8 @@ class ServerConfig:
     # Set by the supervisor for the processes it starts (server/workers.py).
     worker: int = option(-1, "", cli=False)  # this process's worker number; -1: no supervisor
     reuse_port: bool = option(False, "", cli=False)  # share the port with the other workers
+    # A folder where every worker keeps its ModelStatistics counts (server/stats.py); "": in memory.
+    stats_dir: str = option("", "", cli=False)
 
     # ---- transport security and identity (server/security.py)
     tls_cert: Path | None = option(None, "PEM certificate chain: serve TLS (with --tls-key)")

@@ -121,8 +121,8 @@ def _parameter(request: Any, name: str) -> Any:
 
 
 def _statistics(model: ModelVersion) -> Any:
-    """KServe's ``ModelStatistics`` of one version, from its counts (server/stats.py)."""
-    stats, took = model.stats, _message("StatisticDuration")
+    """KServe's ``ModelStatistics`` of one version, every worker's counts summed (server/stats.py)."""
+    stats, took = model.stats.totals(), _message("StatisticDuration")
     batch = _message("InferBatchStatistics")
     return _message("ModelStatistics")(
         name=model.name,

@@ -295,6 +295,7 @@ class Repository:
             prefill_call_tokens=config.prefill_call_tokens,
             persister=self.persister,
             model=(name, version),
+            stats_dir=Path(config.stats_dir) if config.stats_dir else None,
         )
         batcher.open_streams = lambda: self.open_streams()
         ranker = Ranker(bundle.vocab, graph_k=bundle.manifest.topk.get("k", 0), lexicon=bundle.lexicon)

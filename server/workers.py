@@ -14,6 +14,8 @@ itself serves no gRPC; it
 * restarts a worker that dies, after a pause that grows while it keeps dying
   at startup; its clients' streams fail UNAVAILABLE, reconnect to the port and
   resume on whichever worker takes the new connection;
+* keeps a folder where every worker counts what each model version did, so that
+  KServe's ``ModelStatistics`` sums all workers whichever answers (server/stats.py);
 * serves one ``/metrics`` for all: each worker's own registry (on a loopback
   port only it knows), every sample labelled ``worker``, plus its own gauges;
 * on SIGTERM or SIGINT tells every worker to drain (they end their streams
@@ -145,7 +147,8 @@ class Supervisor:
             name, cell = f"repository:{repository}", "models"
         holder, port = _hold_port(self.config.host, self.config.port)
         store_dir, spec = self._store()
-        worker = self.worker_config(port, spec)
+        stats_dir = tempfile.mkdtemp(prefix="nextword-stats-")  # every worker's ModelStatistics
+        worker = dataclasses.replace(self.worker_config(port, spec), stats_dir=stats_dir)
         endpoint = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
@@ -174,6 +177,7 @@ class Supervisor:
             holder.close()
             if store_dir is not None:
                 shutil.rmtree(store_dir, ignore_errors=True)
+            shutil.rmtree(stats_dir, ignore_errors=True)
         log.info("stopped")
         return 0
 

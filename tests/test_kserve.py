@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from nextword.bundle import load_bundle
 from nextword.clients.client import NextWordClient
+from nextword.server.stats import NS, Duration, ModelStats, Totals
 from tests.conftest import serve_process
 
 PIECES = [
@@ -239,3 +240,45 @@ def test_model_statistics_count_what_the_model_did(client: Any, model: str) -> N
     assert [r["name"] for r in everything] == [model]
     with pytest.raises(InferenceServerException, match="not served"):
         client.get_inference_statistics("some-other-model")
+
+
+def test_statistics_rows_of_every_process_add_up(tmp_path: Path) -> None:
+    """Each worker counts in a file of its own; whichever is asked sums those of its version, and a
+    row still being made (or another version's) is not counted."""
+    one, two = (ModelStats(4, tmp_path, ("tiny model", "1")) for _ in range(2))
+    other = ModelStats(4, tmp_path, ("tiny model", "2"))
+    one.answered(0.5)
+    one.waited(0.25)
+    one.called(2, 0.1)
+    two.answered(1.0)
+    two.failed(0.75)
+    two.called(2, 0.2)
+    two.called(4, 0.3)
+    other.answered(9.0)
+    (tmp_path / "tiny%20model@1@0-0.stats").write_bytes(b"")  # a worker that is still opening its file
+    for totals in (one.totals(), two.totals()):
+        assert totals.success == Duration(2, 1_500_000_000) and totals.fail == Duration(1, 750_000_000)
+        assert totals.queue == Duration(1, 250_000_000) and totals.executions == 3
+        assert totals.compute == Duration(8, 1_800_000_000)  # each step charged its whole call
+        assert totals.batches == {2: Duration(2, 300_000_000), 4: Duration(1, 300_000_000)}
+    assert other.totals().success == Duration(1, 9 * NS) and not other.totals().batches
+    assert ModelStats(4).totals() == Totals()  # no folder: this process's counts alone
+
+
+def test_statistics_count_every_worker(tiny_bundle: Path, model: str) -> None:
+    """With --workers 2, each connection is one worker's (the kernel spreads them), and whichever
+    worker answers ModelStatistics counts what all did: 16 inferences on 16 connections are 16."""
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each, not one shared by all 16
+    with serve_process(tiny_bundle, "--workers", "2") as address:
+        clients = [triton.InferenceServerClient(address, channel_args=own) for _ in range(16)]
+        try:
+            for c in clients:
+                c.infer(model, _text("it was the "))
+            counts = {
+                int(c.get_inference_statistics(model, as_json=True)["model_stats"][0]["inference_count"])
+                for c in clients
+            }
+        finally:
+            for c in clients:
+                c.close()
+    assert counts == {16}
