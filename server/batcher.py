@@ -192,6 +192,7 @@ class Batcher:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
         self._model.close()
+        self.stats.close()
 
     async def advance(
         self,

@@ -98,6 +98,11 @@ class ModelStats:
         row[at] += count
         row[at + 1] += round(seconds * NS)
 
+    def close(self) -> None:
+        """The version is unloaded here: its counts leave the totals (a new load starts at zero)."""
+        if self._folder is not None:
+            (self._folder / self._file).unlink(missing_ok=True)
+
     def totals(self) -> Totals:
         """This version's counts in every process that served it (just this one without a folder)."""
         rows = [self._row.tolist()]

@@ -262,6 +262,9 @@ def test_statistics_rows_of_every_process_add_up(tmp_path: Path) -> None:
         assert totals.compute == Duration(8, 1_800_000_000)  # each step charged its whole call
         assert totals.batches == {2: Duration(2, 300_000_000), 4: Duration(1, 300_000_000)}
     assert other.totals().success == Duration(1, 9 * NS) and not other.totals().batches
+    two.close()  # unloaded there: what it counted leaves the totals
+    left = one.totals()
+    assert left.success == Duration(1, NS // 2) and left.batches == {2: Duration(1, 100_000_000)}
     assert ModelStats(4).totals() == Totals()  # no folder: this process's counts alone
 
 
