@@ -18,10 +18,10 @@ are the whole server's, whoever asks, and a worker that died still counts what i
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,9 +66,8 @@ class ModelStats:
         if folder is None:
             self._buffer, self._prefix, self._file = bytearray(size), "", ""
         else:
-            # quote() leaves no glob character, nor the "@" that ends each part.
-            name, version = (urllib.parse.quote(part, safe="") for part in model)
-            self._prefix = f"{name}@{version}@"
+            # Named by a digest of the version: any name fits a file name, and none holds a glob character.
+            self._prefix = hashlib.sha256("\0".join(model).encode()).hexdigest()[:32] + "-"
             # A file of its own for each load in each process: a reloaded version counts from zero.
             self._file = f"{self._prefix}{os.getpid()}-{time.monotonic_ns()}{SUFFIX}"
             with (folder / self._file).open("w+b") as f:

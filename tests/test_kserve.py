@@ -245,8 +245,10 @@ def test_model_statistics_count_what_the_model_did(client: Any, model: str) -> N
 def test_statistics_rows_of_every_process_add_up(tmp_path: Path) -> None:
     """Each worker counts in a file of its own; whichever is asked sums those of its version, and a
     row still being made (or another version's) is not counted."""
-    one, two = (ModelStats(4, tmp_path, ("tiny model", "1")) for _ in range(2))
-    other = ModelStats(4, tmp_path, ("tiny model", "2"))
+    model = ("tiny model *" + "x" * 300, "1")  # a name no file could be called
+    one = ModelStats(4, tmp_path, model)
+    (ones,) = tmp_path.iterdir()
+    two, other = ModelStats(4, tmp_path, model), ModelStats(4, tmp_path, (model[0], "2"))
     one.answered(0.5)
     one.waited(0.25)
     one.called(2, 0.1)
@@ -255,7 +257,7 @@ def test_statistics_rows_of_every_process_add_up(tmp_path: Path) -> None:
     two.called(2, 0.2)
     two.called(4, 0.3)
     other.answered(9.0)
-    (tmp_path / "tiny%20model@1@0-0.stats").write_bytes(b"")  # a worker that is still opening its file
+    ones.with_name(ones.name.replace(".stats", "-0.stats")).write_bytes(b"")  # a file still being made
     for totals in (one.totals(), two.totals()):
         assert totals.success == Duration(2, 1_500_000_000) and totals.fail == Duration(1, 750_000_000)
         assert totals.queue == Duration(1, 250_000_000) and totals.executions == 3
