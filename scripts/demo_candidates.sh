@@ -7,7 +7,8 @@
 #   scripts/demo_candidates.sh                          # on a GPU, MINUTES (default 7) of training each
 #   DEVICE=cpu MINUTES=0.2 DATA=DIR scripts/demo_candidates.sh   # a smoke run on a small DIR
 #
-# Then, on the CPU that serves them, for each int8 bundle B (keystrokes against Presage, by source):
+# Then, on the CPU that serves them, for each int8 bundle B (keystrokes against Presage, by source;
+# Presage's own runs are kept after the first bundle's, so later ones take about 15 minutes less):
 #   python -m benchmarks.ksr_sources --bundle B --presage-corpus mixed
 # Several small trainings share one GPU well: one 2x256 run alone leaves most of it idle.
 set -euo pipefail
