@@ -154,12 +154,6 @@ def run_corpus(
     test = test or data_root / corpus / "test.txt"
     # The same characters nextword eval --ksr --ksr-chars reads (characters, not bytes).
     text = test.read_text(encoding="utf-8")[:chars]
-    text_file = out_dir / f"typed-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
-    # Runs may type one text at once (with and without repeats): a whole file, swapped in, never a
-    # half-written one.
-    partial = text_file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(text_file)
     name = f"presage-{slots}{'-repeat' if repeat else ''}{'-learn' if learn else ''}"
     # The simulation is deterministic: its counts are kept, keyed by all they depend on (the
     # database's source, Presage's own configuration, these settings, the text), so that scoring
@@ -171,6 +165,12 @@ def run_corpus(
     if kept.exists():
         counts: dict[str, float] = json.loads(kept.read_text())
         return counts
+    text_file = out_dir / f"typed-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    # Runs may type one text at once (with and without repeats): a whole file, swapped in, never a
+    # half-written one.
+    partial = text_file.with_suffix(f".{os.getpid()}-{threading.get_ident()}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(text_file)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         user_db = Path(tmp) / "user.db" if learn else None
         config = write_config(db, slots, Path(tmp) / f"{name}.xml", repeat=repeat, learn=user_db)

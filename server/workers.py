@@ -148,7 +148,7 @@ class Supervisor:
         holder, port = _hold_port(self.config.host, self.config.port)
         store_dir, spec = self._store()
         stats_dir = tempfile.mkdtemp(prefix="nextword-stats-")  # every worker's ModelStatistics
-        worker = dataclasses.replace(self.worker_config(port, spec), stats_dir=stats_dir)
+        worker = self.worker_config(port, spec, stats_dir)
         endpoint = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
@@ -181,7 +181,7 @@ class Supervisor:
         log.info("stopped")
         return 0
 
-    def worker_config(self, port: int, store: str) -> ServerConfig:
+    def worker_config(self, port: int, store: str, stats_dir: str = "") -> ServerConfig:
         """What every worker runs with (``_start`` adds its number).
 
         ``--workers`` stays as given: each worker's share of the cores (its onnxruntime threads,
@@ -190,7 +190,12 @@ class Supervisor:
         fewer words/s than with a thread each.)
         """
         return dataclasses.replace(
-            self.config, port=port, metrics_port=ANY_FREE_PORT, session_store=store, reuse_port=True
+            self.config,
+            port=port,
+            metrics_port=ANY_FREE_PORT,
+            session_store=store,
+            reuse_port=True,
+            stats_dir=stats_dir,
         )
 
     def _store(self) -> tuple[Path | None, str]:
